@@ -1,0 +1,8 @@
+"""``python -m lenet``: the same as the ``lenet`` command."""
+
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,488 @@
+"""Datasets: IDX parsing, discovery, verified download, and in-memory tensors.
+
+The whole dataset lives in memory as uint8 tensors (Fashion-MNIST train is 47 MB); batches are
+made by indexing those tensors, not by a per-sample ``Dataset``. Pixels become floats in [0, 1]
+only inside a batch (:func:`to_float`).
+
+Where a dataset is looked for, in order (the first folder holding all four files wins):
+
+1. ``data_root`` argument / ``--data-root DIR`` / env ``LENET_DATA_ROOT``: ``DIR/<name>/``
+2. the user's cache (the default data root): ``$LENET_CACHE_DIR/data/<name>/``, else
+   ``$XDG_CACHE_HOME/lenet/data/<name>/``, else ``~/.cache/lenet/data/<name>/``
+3. Debian's packaged copy: ``/usr/share/datasets/<name>/`` (package ``dataset-fashion-mnist``)
+4. a download from the dataset's official mirrors into the first data root above.
+
+Integrity is checked on the *decompressed* bytes (SHA-256 and size), because Debian recompresses
+the .gz files. Decoded, verified arrays are cached as ``.npy`` beside the data root's files so
+later starts skip gzip and hashing.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import struct
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import DataError, IdxFormatError
+
+DEBIAN_ROOT = Path("/usr/share/datasets")
+
+# IDX type codes (first two bytes are zero, third is the type, fourth the number of dimensions).
+_IDX_TYPES = {
+    0x08: np.dtype(np.uint8),
+    0x09: np.dtype(np.int8),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """One IDX file of a dataset: its name and the checksum of its decompressed content."""
+
+    name: str  # e.g. "train-images-idx3-ubyte" (stored with or without .gz)
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    classes: tuple[str, ...]
+    train_images: FileSpec
+    train_labels: FileSpec
+    test_images: FileSpec
+    test_labels: FileSpec
+    mirrors: tuple[str, ...]
+    debian_package: str | None = None
+    licence: str = ""
+
+    @property
+    def files(self) -> tuple[FileSpec, ...]:
+        return (self.train_images, self.train_labels, self.test_images, self.test_labels)
+
+
+def _files(sha: dict[str, tuple[str, int]]) -> dict[str, FileSpec]:
+    return {key: FileSpec(name, *sha[name]) for key, name in (
+        ("train_images", "train-images-idx3-ubyte"),
+        ("train_labels", "train-labels-idx1-ubyte"),
+        ("test_images", "t10k-images-idx3-ubyte"),
+        ("test_labels", "t10k-labels-idx1-ubyte"),
+    )}
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "fashion-mnist": DatasetSpec(
+        name="fashion-mnist",
+        classes=("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                 "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+        mirrors=("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
+        debian_package="dataset-fashion-mnist",
+        licence="Zalando Research, MIT licence",
+        **_files({
+            "train-images-idx3-ubyte": ("c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", 47040016),
+            "train-labels-idx1-ubyte": ("bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", 60008),
+            "t10k-images-idx3-ubyte": ("5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", 7840016),
+            "t10k-labels-idx1-ubyte": ("0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", 10008),
+        }),
+    ),
+    "mnist": DatasetSpec(
+        name="mnist",
+        classes=tuple(str(d) for d in range(10)),
+        mirrors=("https://ossci-datasets.s3.amazonaws.com/mnist/",
+                 "http://yann.lecun.com/exdb/mnist/"),
+        licence="LeCun, Cortes, Burges; CC BY-SA 3.0",
+        **_files({
+            "train-images-idx3-ubyte": ("ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db", 47040016),
+            "train-labels-idx1-ubyte": ("65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5", 60008),
+            "t10k-images-idx3-ubyte": ("0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7", 7840016),
+            "t10k-labels-idx1-ubyte": ("ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2", 10008),
+        }),
+    ),
+}
+
+
+def get_spec(name: str) -> DatasetSpec:
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# IDX reading
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's content, decompressed if it is gzip (detected by its magic, not its name)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            return gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise IdxFormatError(
+                f"{path}: corrupt or truncated gzip ({exc}); delete it and fetch the data again "
+                "(lenet data fetch)") from None
+    return raw
+
+
+def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
+    """Parse IDX bytes into an array; raise :class:`IdxFormatError` naming ``source`` if malformed."""
+    if len(data) == 0:
+        raise IdxFormatError(f"{source}: file is empty")
+    if len(data) < 4:
+        raise IdxFormatError(f"{source}: only {len(data)} bytes, too short for an IDX header")
+    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0:
+        raise IdxFormatError(
+            f"{source}: bad IDX magic 0x{data[:4].hex()} (must start with two zero bytes); "
+            "this is not an IDX file")
+    if type_code not in _IDX_TYPES:
+        raise IdxFormatError(f"{source}: unknown IDX element type 0x{type_code:02x}")
+    if ndim == 0:
+        raise IdxFormatError(f"{source}: IDX header declares zero dimensions")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise IdxFormatError(
+            f"{source}: truncated header: {ndim} dimensions need {header} bytes, file has {len(data)}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    dtype = _IDX_TYPES[type_code]
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    actual = len(data) - header
+    if actual != expected:
+        shape = "x".join(map(str, dims))
+        what = "truncated" if actual < expected else "has trailing bytes"
+        raise IdxFormatError(
+            f"{source}: {what}: header declares {shape} = {expected} bytes of data, file has {actual}")
+    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
+    return arr.astype(dtype.newbyteorder("="), copy=False)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (raw or gzip) into a numpy array."""
+    path = Path(path)
+    return parse_idx(_read_bytes(path), str(path))
+
+
+def check_pair(images: np.ndarray, labels: np.ndarray, num_classes: int,
+               images_src: str = "images", labels_src: str = "labels") -> None:
+    """Check that an image file and a label file belong together."""
+    if images.ndim != 3:
+        raise IdxFormatError(f"{images_src}: expected 3 dimensions (count, rows, cols), got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise IdxFormatError(f"{images_src}: expected unsigned byte pixels, got {images.dtype}")
+    if labels.ndim != 1:
+        raise IdxFormatError(f"{labels_src}: expected 1 dimension (count), got shape {labels.shape}")
+    if images.shape[0] != labels.shape[0]:
+        raise IdxFormatError(
+            f"{labels_src}: {labels.shape[0]} labels for {images.shape[0]} images in {images_src}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(labels.max()) if labels.max() >= num_classes else int(labels.min())
+        raise IdxFormatError(f"{labels_src}: label {bad} outside the class range 0..{num_classes - 1}")
+
+
+# --------------------------------------------------------------------------------------------
+# Where data lives
+
+
+def cache_dir() -> Path:
+    """lenet's cache folder: $LENET_CACHE_DIR, else $XDG_CACHE_HOME/lenet, else ~/.cache/lenet."""
+    if os.environ.get("LENET_CACHE_DIR"):
+        return Path(os.environ["LENET_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "lenet"
+
+
+def default_data_root() -> Path:
+    return cache_dir() / "data"
+
+
+def _explicit_root(data_root: str | os.PathLike | None) -> Path | None:
+    if data_root is not None:
+        root, origin = Path(data_root).expanduser(), "--data-root"
+    elif os.environ.get("LENET_DATA_ROOT"):
+        root, origin = Path(os.environ["LENET_DATA_ROOT"]).expanduser(), "LENET_DATA_ROOT"
+    else:
+        return None
+    if not root.is_dir():
+        raise DataError(f"data root {root} (from {origin}) is not a folder: create it, or point "
+                        f"{origin} at a folder holding <dataset>/train-images-idx3-ubyte.gz etc.")
+    return root
+
+
+def candidate_dirs(name: str, data_root: str | os.PathLike | None = None) -> list[tuple[Path, str]]:
+    """Folders searched for dataset ``name``, in order, each with a word on where it comes from."""
+    out = []
+    explicit = _explicit_root(data_root)
+    if explicit is not None:
+        out.append((explicit / name, "data root"))
+    out.append((default_data_root() / name, "cache"))
+    out.append((DEBIAN_ROOT / name, "Debian package"))
+    return out
+
+
+def _file_in(folder: Path, spec: FileSpec) -> Path | None:
+    for candidate in (folder / (spec.name + ".gz"), folder / spec.name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def locate(name: str, data_root: str | os.PathLike | None = None) -> Path | None:
+    """The first folder that holds all four files of dataset ``name``, or None."""
+    spec = get_spec(name)
+    for folder, _ in candidate_dirs(name, data_root):
+        if all(_file_in(folder, f) for f in spec.files):
+            return folder
+    return None
+
+
+def download_root(data_root: str | os.PathLike | None = None) -> Path:
+    """Where a download goes: the explicit data root if one was given, else the cache."""
+    return _explicit_root(data_root) or default_data_root()
+
+
+def _not_found_message(name: str, data_root) -> str:
+    spec = get_spec(name)
+    looked = "; ".join(str(d) for d, _ in candidate_dirs(name, data_root))
+    ways = [f"run `lenet data fetch --dataset {name}` with network access",
+            f"put the four IDX files in a folder DIR/{name}/ and pass --data-root DIR (or set LENET_DATA_ROOT)"]
+    if spec.debian_package:
+        ways.append(f"on Debian/Ubuntu: `apt-get install {spec.debian_package}`")
+    else:
+        ways.append(f"copy the files into {default_data_root() / name}")
+    return f"{name} data not found (looked in {looked}); get it by one of: " + "; or ".join(ways)
+
+
+# --------------------------------------------------------------------------------------------
+# Verification and download
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def verify_file(path: Path, spec: FileSpec) -> bytes:
+    """Decompressed content of ``path`` after checking its size and SHA-256 against ``spec``."""
+    data = _read_bytes(path)
+    if len(data) != spec.size or _sha256(data) != spec.sha256:
+        raise DataError(
+            f"{path}: checksum mismatch (decompressed {len(data)} bytes, expected {spec.size} bytes "
+            f"with sha256 {spec.sha256[:12]}...); the file is corrupt or not {spec.name}: delete it "
+            "and fetch again (lenet data fetch)")
+    return data
+
+
+def verify(name: str, data_root=None) -> dict[str, str]:
+    """Check every file of dataset ``name`` where it is found; return {file name: 'ok'}."""
+    spec = get_spec(name)
+    folder = locate(name, data_root)
+    if folder is None:
+        raise DataError(_not_found_message(name, data_root))
+    report = {}
+    for f in spec.files:
+        path = _file_in(folder, f)
+        verify_file(path, f)
+        report[str(path)] = "ok"
+    return report
+
+
+def _download(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https/http mirrors)
+        return resp.read()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def fetch(name: str, data_root=None, *, timeout: float = 10.0, retries: int = 3,
+          log=print) -> Path:
+    """Make dataset ``name`` available; download what is missing from its mirrors. Returns its folder."""
+    spec = get_spec(name)
+    found = locate(name, data_root)
+    if found is not None:
+        return found
+    target = download_root(data_root) / name
+    for f in spec.files:
+        dest = target / (f.name + ".gz")
+        if dest.is_file():
+            try:
+                verify_file(dest, f)
+                continue
+            except DataError:
+                dest.unlink()
+        errors = []
+        for mirror in spec.mirrors:
+            url = mirror + f.name + ".gz"
+            for attempt in range(1, retries + 1):
+                try:
+                    log(f"downloading {url} (try {attempt}/{retries})")
+                    blob = _download(url, timeout)
+                    break
+                except (urllib.error.URLError, OSError, TimeoutError) as exc:
+                    errors.append(f"{url}: {getattr(exc, 'reason', exc)}")
+                    blob = None
+                    time.sleep(min(2 ** attempt * 0.25, 2.0))
+            if blob is None:
+                continue
+            try:
+                data = gzip.decompress(blob)
+            except (OSError, EOFError, zlib.error):
+                errors.append(f"{url}: not a valid gzip file")
+                continue
+            if len(data) != f.size or _sha256(data) != f.sha256:
+                errors.append(f"{url}: checksum mismatch after download")
+                continue
+            _atomic_write(dest, blob)
+            break
+        else:
+            reason = errors[-1] if errors else "no mirror"
+            raise DataError(f"could not download {f.name}.gz ({reason}). " + _not_found_message(name, data_root))
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# In-memory dataset
+
+
+@dataclass
+class Split:
+    """One split held in memory: uint8 images (N, 28, 28) and int64 labels (N,)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass
+class Dataset:
+    name: str
+    classes: tuple[str, ...]
+    train: Split
+    test: Split
+    folder: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1], the book's scaling."""
+    return images.unsqueeze(1).to(torch.float32).div_(255.0)
+
+
+def _decoded_cache_path(f: FileSpec) -> Path:
+    return cache_dir() / "decoded" / f"{f.name}-{f.sha256[:16]}.npy"
+
+
+def _load_file(folder: Path, f: FileSpec, verify_checksums: bool) -> np.ndarray:
+    cached = _decoded_cache_path(f)
+    if verify_checksums and cached.is_file():
+        try:
+            arr = np.load(cached, mmap_mode=None, allow_pickle=False)
+            return arr
+        except (OSError, ValueError):
+            cached.unlink(missing_ok=True)
+    path = _file_in(folder, f)
+    if path is None:
+        raise DataError(f"{folder / (f.name + '.gz')}: file not found")
+    if verify_checksums:
+        data = verify_file(path, f)
+    else:
+        data = _read_bytes(path)
+    arr = parse_idx(data, str(path))
+    if verify_checksums:  # only verified content is cached, keyed by its checksum
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".npy.part")
+            with os.fdopen(fd, "wb") as fh:
+                np.save(fh, arr, allow_pickle=False)
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only cache only costs speed
+    return arr
+
+
+def load_dataset(name: str = "fashion-mnist", data_root=None, *, download: bool | None = None,
+                 verify_checksums: bool = True, log=print) -> Dataset:
+    """Load a dataset into memory, finding (or downloading) it as described in the module doc.
+
+    ``download=None`` means: download unless the environment variable ``LENET_NO_DOWNLOAD`` is set.
+    """
+    spec = get_spec(name)
+    folder = locate(name, data_root)
+    if folder is None:
+        if download is None:
+            download = not os.environ.get("LENET_NO_DOWNLOAD")
+        if not download:
+            raise DataError(_not_found_message(name, data_root))
+        folder = fetch(name, data_root, log=log)
+    arrays = {key: _load_file(folder, getattr(spec, key), verify_checksums)
+              for key in ("train_images", "train_labels", "test_images", "test_labels")}
+    for split in ("train", "test"):
+        check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], len(spec.classes),
+                   str(_file_in(folder, getattr(spec, f"{split}_images"))),
+                   str(_file_in(folder, getattr(spec, f"{split}_labels"))))
+
+    def split(prefix: str) -> Split:
+        images = arrays[f"{prefix}_images"]
+        if not images.flags.writeable:  # parsed in place from the file's bytes
+            images = images.copy()
+        return Split(torch.from_numpy(np.ascontiguousarray(images)),
+                     torch.from_numpy(arrays[f"{prefix}_labels"].astype(np.int64)))
+
+    return Dataset(name=name, classes=spec.classes, train=split("train"), test=split("test"),
+                   folder=folder)
+
+
+def synthetic_dataset(n_train: int = 512, n_test: int = 256, num_classes: int = 10,
+                      seed: int = 0, size: int = 28) -> Dataset:
+    """A small learnable dataset (class = position of a bright square) for tests and benchmarks."""
+    if not 1 <= num_classes <= 10:
+        raise ValueError("synthetic_dataset supports 1 to 10 classes")
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n):
+        labels = torch.randint(0, num_classes, (n,), generator=g)
+        images = torch.randint(0, 40, (n, size, size), generator=g, dtype=torch.uint8)
+        cols = 5
+        for i, c in enumerate(labels.tolist()):
+            r0, c0 = 2 + (c // cols) * 12, 2 + (c % cols) * 5
+            images[i, r0:r0 + 8, c0:c0 + 4] = 255
+        return Split(images, labels)
+
+    return Dataset(name="synthetic", classes=tuple(f"class{i}" for i in range(num_classes)),
+                   train=make(n_train), test=make(n_test))

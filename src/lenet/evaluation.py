@@ -1,0 +1,83 @@
+"""Evaluation: scores, accuracy, per-class accuracy and the confusion matrix."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .data import to_float
+
+
+@torch.inference_mode()
+def predict_scores(model: nn.Module, images: torch.Tensor, *, batch_size: int = 2048,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Class scores (N, classes) for uint8 images (N, H, W), computed in eval mode in batches."""
+    was_training = model.training
+    model.eval()
+    try:
+        outs = []
+        for start in range(0, images.shape[0], batch_size):
+            x = to_float(images[start:start + batch_size].to(device, non_blocking=True))
+            outs.append(model(x).float())
+        if not outs:
+            return torch.empty(0, 0)
+        return torch.cat(outs)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+             batch_size: int = 2048, device: torch.device | str = "cpu") -> float:
+    """Top-1 accuracy on uint8 images; one host sync at the end."""
+    was_training = model.training
+    model.eval()
+    try:
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        for start in range(0, images.shape[0], batch_size):
+            x = to_float(images[start:start + batch_size].to(device, non_blocking=True))
+            y = labels[start:start + batch_size].to(device, non_blocking=True)
+            correct += (model(x).argmax(dim=1) == y).sum()
+        return correct.item() / max(1, images.shape[0])
+    finally:
+        model.train(was_training)
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (true class, predicted class) as an int64 (classes, classes) matrix."""
+    index = labels.to(torch.int64) * num_classes + predictions.to(torch.int64)
+    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+@dataclass
+class EvalReport:
+    accuracy: float
+    per_class: list[float]
+    confusion: torch.Tensor
+    classes: tuple[str, ...]
+    scores: torch.Tensor
+
+    def format(self) -> str:
+        lines = [f"test accuracy {self.accuracy:.4f} on {int(self.confusion.sum())} images", "",
+                 f"{'class':<14} {'accuracy':>8} {'images':>7}"]
+        for name, acc, n in zip(self.classes, self.per_class, self.confusion.sum(dim=1).tolist()):
+            lines.append(f"{name:<14} {acc:>8.3f} {n:>7}")
+        lines += ["", "confusion matrix (rows: true class, columns: predicted class)"]
+        width = max(5, len(str(int(self.confusion.max()))) + 1)
+        lines.append(" " * 14 + "".join(f"{i:>{width}}" for i in range(len(self.classes))))
+        for i, (name, row) in enumerate(zip(self.classes, self.confusion.tolist())):
+            lines.append(f"{i:>2} {name[:11]:<11}" + "".join(f"{v:>{width}}" for v in row))
+        return "\n".join(lines)
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
+             *, batch_size: int = 2048, device: torch.device | str = "cpu") -> EvalReport:
+    scores = predict_scores(model, images, batch_size=batch_size, device=device).cpu()
+    preds = scores.argmax(dim=1)
+    cm = confusion_matrix(preds, labels, len(classes))
+    totals = cm.sum(dim=1).clamp(min=1)
+    per_class = (cm.diagonal() / totals).tolist()
+    acc = (preds == labels).float().mean().item() if len(labels) else 0.0
+    return EvalReport(acc, per_class, cm, tuple(classes), scores)

@@ -1,0 +1,61 @@
+"""Figures: training curves, confusion matrix. Matplotlib is imported lazily (Agg, no display)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(curve: Sequence[dict], path: Path, title: str = "") -> Path:
+    """The book's animator figure: train loss, train acc (5 points an epoch) and test acc per epoch."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    pts = [r for r in curve if r.get("train_loss") is not None]
+    tests = [r for r in curve if r.get("test_acc") is not None]
+    ax.plot([r["epoch"] for r in pts], [r["train_loss"] for r in pts], "-", label="train loss")
+    ax.plot([r["epoch"] for r in pts], [r["train_acc"] for r in pts], "m--", label="train acc")
+    ax.plot([r["epoch"] for r in tests], [r["test_acc"] for r in tests], "g-.", marker=".", label="test acc")
+    last = max([r["epoch"] for r in curve] + [1])
+    ax.set_xlim(0, last)
+    ax.set_xlabel("epoch")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_confusion(confusion, classes: Sequence[str], path: Path, title: str = "") -> Path:
+    """Confusion matrix heat map with counts (rows: true class, columns: predicted)."""
+    plt = _pyplot()
+    cm = confusion.numpy() if hasattr(confusion, "numpy") else confusion
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n), dpi=120)
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    top = cm.max() if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=6,
+                    color="white" if cm[i, j] > top / 2 else "black")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,299 @@
+"""Training: the textbook recipe as a small engine, and the Python API behind ``lenet train``.
+
+    >>> from lenet import TrainConfig, train
+    >>> result = train(TrainConfig(epochs=10))          # the book's recipe on Fashion-MNIST
+    >>> result.test_acc
+
+The engine keeps the whole dataset in memory as uint8 and makes each batch by indexing it with a
+seeded permutation (no DataLoader, no per-sample Python). Metrics are accumulated as tensors and
+read back a few times per epoch, not after every step. Like the book, an epoch visits every
+example once (the last batch is smaller) and the train loss/accuracy reported for an epoch is the
+average over that epoch's batches as the weights changed; test accuracy is measured after the epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from . import __version__
+from .data import Dataset, load_dataset, to_float
+from .errors import ConfigError, TrainingDiverged
+from .evaluation import accuracy
+from .models import config_to_dict, get_entry, param_count, resolve_config
+
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+@dataclass
+class TrainConfig:
+    """A training run. Defaults are the book's recipe (d2l 7.6): SGD, lr 0.9, batch 256, 10 epochs."""
+
+    model: str = "classic"
+    overrides: dict[str, Any] = field(default_factory=dict)  # model config fields (--set key=value)
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    epochs: int = 10
+    lr: float = 0.9
+    batch_size: int = 256
+    optimizer: str = "sgd"
+    momentum: float = 0.9  # used by "momentum" only
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 2048
+    curve_points: int = 5  # points per epoch in the training curves, as the book's animator draws
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs {self.epochs}: must be at least 1")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr {self.lr}: must be a positive number")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise ConfigError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"--weight-decay {self.weight_decay}: must be >= 0")
+        if self.eval_batch_size < 1 or self.curve_points < 1:
+            raise ConfigError("eval_batch_size and curve_points must be at least 1")
+        resolve_device(self.device)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r}: not a device name (use auto, cpu, cuda, cuda:0, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name}: no CUDA GPU is available here; use --device cpu or auto")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError(f"--device {name}: MPS is not available here; use --device cpu or auto")
+    return device
+
+
+def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "momentum":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+
+
+def model_criterion(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss to train ``model`` with: its own ``criterion`` if it has one, else cross-entropy."""
+    return getattr(model, "criterion", None) or nn.functional.cross_entropy
+
+
+@dataclass
+class EpochMetrics:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    test_acc: float
+    epoch_time_s: float
+    examples_per_sec: float
+
+
+@dataclass
+class TrainResult:
+    config: TrainConfig
+    model: nn.Module
+    history: list[EpochMetrics]
+    curve: list[dict[str, float | None]]
+    train_time_s: float
+    examples_seen: int
+    device: torch.device
+    run_dir: Path | None = None
+
+    @property
+    def final(self) -> EpochMetrics:
+        return self.history[-1]
+
+    @property
+    def test_acc(self) -> float:
+        return self.final.test_acc
+
+    @property
+    def examples_per_sec(self) -> float:
+        return self.examples_seen / max(self.train_time_s, 1e-9)
+
+    def book_lines(self) -> str:
+        """The two lines the book prints at the end of training, in its format."""
+        f = self.final
+        return (f"loss {f.train_loss:.3f}, train acc {f.train_acc:.3f}, test acc {f.test_acc:.3f}\n"
+                f"{self.examples_per_sec:.1f} examples/sec on {self.device}")
+
+
+class Progress:
+    """Live progress: a tqdm bar per epoch (when enabled) and one line per epoch."""
+
+    def __init__(self, enabled: bool, log: Callable[[str], None]):
+        self.enabled = enabled
+        self.log = log
+        self.bar = None
+
+    def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
+                            dynamic_ncols=True, file=sys.stderr)
+
+    def update(self, steps: int, loss: float, acc: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"loss {loss:.3f}, acc {acc:.3f}, {rate:,.0f} ex/s", refresh=False)
+            self.bar.update(steps)
+
+    def end_epoch(self, m: EpochMetrics, epochs: int) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        self.log(f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}: loss {m.train_loss:.3f}, "
+                 f"train acc {m.train_acc:.3f}, test acc {m.test_acc:.3f}, "
+                 f"{m.examples_per_sec:,.0f} examples/sec, {m.epoch_time_s:.1f} s")
+
+
+def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: str | Path | None = None,
+          overwrite: bool = False, progress: bool = False, log: Callable[[str], None] | None = None,
+          model: nn.Module | None = None) -> TrainResult:
+    """Train a model as ``cfg`` says; if ``out`` is given, write a run folder there.
+
+    ``data`` skips dataset discovery (e.g. a synthetic dataset); ``model`` trains a ready-made
+    module instead of building ``cfg.model``.
+    """
+    from . import runs
+
+    cfg = cfg or TrainConfig()
+    log = log or (lambda s: None)
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    entry = get_entry(cfg.model)
+    model_cfg = resolve_config(cfg.model, cfg.overrides)
+    run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root, log=log)
+    if hasattr(model_cfg, "num_classes") and model_cfg.num_classes < data.num_classes:
+        raise ConfigError(f"num_classes {model_cfg.num_classes} is smaller than the {data.num_classes} "
+                          f"classes of {data.name}")
+
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = entry.build(model_cfg)
+    model.to(device)
+    criterion = model_criterion(model)
+    optimizer = make_optimizer(cfg, model.parameters())
+    n = len(data.train)
+    steps = math.ceil(n / cfg.batch_size)
+    scheduler = make_schedule(cfg, optimizer, steps)
+    shuffle = torch.Generator().manual_seed(cfg.seed)
+
+    train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
+    test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
+    marks = sorted({min(steps, max(1, round(steps * k / cfg.curve_points))) for k in range(1, cfg.curve_points + 1)})
+    check_every = 1 if device.type == "cpu" else 20  # host syncs: free on CPU, costly on GPU
+
+    if run_dir is not None:
+        config_json = {
+            "model": cfg.model, "model_config": config_to_dict(model_cfg), "dataset": data.name,
+            "classes": list(data.classes), "train": dataclasses.asdict(cfg),
+            "parameters": param_count(model), "device": str(device), "lenet_version": __version__,
+            "torch_version": torch.__version__, "python": platform.python_version(),
+        }
+        runs.write_json(run_dir / runs.CONFIG, config_json)
+
+    bar = Progress(progress, log)
+    history: list[EpochMetrics] = []
+    curve: list[dict[str, float | None]] = []
+    train_time, seen = 0.0, 0
+    for epoch in range(1, cfg.epochs + 1):
+        model.train()
+        perm = torch.randperm(n, generator=shuffle).to(device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        count, last_mark = 0, 0
+        bar.start_epoch(epoch, cfg.epochs, steps)
+        t_epoch = time.perf_counter()
+        for i in range(steps):
+            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            x, y = to_float(train_x[idx]), train_y[idx]
+            scores = model(x)
+            loss = criterion(scores, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                loss_sum += loss.detach() * y.shape[0]
+                correct += (scores.argmax(dim=1) == y).sum()
+            count += y.shape[0]
+            if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch}, step {i + 1}: training diverged; "
+                    f"try a lower learning rate (e.g. --lr {cfg.lr / 10:g})")
+            if (i + 1) in marks:
+                elapsed = train_time + time.perf_counter() - t_epoch
+                tl, ta = loss_sum.item() / count, correct.item() / count
+                if not math.isfinite(tl):
+                    raise TrainingDiverged(
+                        f"loss became {tl} in epoch {epoch} before step {i + 1}: training diverged; "
+                        f"try a lower learning rate (e.g. --lr {cfg.lr / 10:g})")
+                curve.append({"epoch": epoch - 1 + (i + 1) / steps, "train_loss": tl, "train_acc": ta,
+                              "test_acc": None})
+                bar.update(i + 1 - last_mark, tl, ta, (seen + count) / max(elapsed, 1e-9))
+                last_mark = i + 1
+        epoch_time = time.perf_counter() - t_epoch
+        train_time += epoch_time
+        seen += count
+        test_acc = accuracy(model, test_x, test_y, batch_size=cfg.eval_batch_size, device=device)
+        m = EpochMetrics(epoch, loss_sum.item() / count, correct.item() / count, test_acc,
+                         epoch_time, count / epoch_time)
+        history.append(m)
+        curve.append({"epoch": float(epoch), "train_loss": None, "train_acc": None, "test_acc": test_acc})
+        bar.end_epoch(m, cfg.epochs)
+        if run_dir is not None:
+            runs.write_csv(run_dir / runs.METRICS, runs.METRIC_FIELDS, [dataclasses.asdict(h) for h in history])
+            runs.write_csv(run_dir / runs.CURVE, runs.CURVE_FIELDS, curve)
+
+    result = TrainResult(cfg, model, history, curve, train_time, seen, device, run_dir)
+    if run_dir is not None:
+        from .plots import plot_curves
+
+        runs.save_weights(model, run_dir / runs.WEIGHTS,
+                          {"model": cfg.model, "model_config": json.dumps(config_to_dict(model_cfg)),
+                           "dataset": data.name})
+        plot_curves(curve, run_dir / runs.CURVES_PNG, title=f"{cfg.model} on {data.name}")
+    return result
