@@ -56,6 +56,16 @@ class TrainConfig:
     eval_batch_size: int = 2048
     curve_points: int = 5  # points per epoch in the training curves, as the book's animator draws
 
+    @classmethod
+    def for_model(cls, model: str = "classic", **fields: Any) -> "TrainConfig":
+        """A config for ``model`` starting from its preset's recommended recipe (``lenet models``
+        lists them): a field given here wins over the recipe, and the recipe over the defaults above.
+
+            >>> TrainConfig.for_model("modern").optimizer
+            'momentum'
+        """
+        return cls(model=model, **{**get_entry(model).recipe, **fields})
+
     def validate(self) -> None:
         if self.epochs < 1:
             raise ConfigError(f"--epochs {self.epochs}: must be at least 1")
