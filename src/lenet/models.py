@@ -326,17 +326,6 @@ register("modern", "the same skeleton, modernised: ReLU, max-pool, BatchNorm, He
          build_lenet, recipe={"lr": 0.1, "optimizer": "momentum", "schedule": "onecycle", "weight_decay": 5e-4})
 
 
-def _register_lenet5() -> None:
-    from .lenet5 import LeNet5Config, build_lenet5
-
-    register("lenet5", "LeCun et al. 1998 as published: 32x32 input, partial C3, scaled tanh, fixed RBF output",
-             LeNet5Config(), build_lenet5,
-             recipe={"epochs": 20, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine", "batch_size": 32})
-
-
-_register_lenet5()
-
-
 def param_count(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
@@ -344,3 +333,5 @@ def param_count(model: nn.Module, trainable_only: bool = True) -> int:
 __all__ = ["LeNetConfig", "ScaledTanh", "Subsampling", "build_lenet", "create_model", "MODELS",
            "register", "resolve_config", "apply_overrides", "param_count", "config_to_dict",
            "build_from_dict", "init_weights"]
+
+from . import lenet5 as _lenet5  # noqa: E402,F401  (registers the "lenet5" preset; needs the blocks above)
