@@ -77,12 +77,13 @@ def add_train(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=None, help="default: the preset's recipe, else 10")
     p.add_argument("--lr", type=_positive_float, default=None, help="default: the preset's recipe, else 0.9")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the preset's recipe, else 256")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "momentum", "adam", "adamw"],
-                   help="default: the preset's recipe, else sgd")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "momentum", "adam", "adamw", "sdlm"],
+                   help="sdlm: stochastic diagonal Levenberg-Marquardt (LeNet-5's). "
+                        "Default: the preset's recipe, else sgd")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum (default 0.9)")
     p.add_argument("--weight-decay", type=float, default=None, help="default: the preset's recipe, else 0")
-    p.add_argument("--schedule", default=None, choices=["constant", "cosine", "onecycle"],
-                   help="default: the preset's recipe, else constant")
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine", "onecycle", "lecun"],
+                   help="lecun: the 1998 paper's steps per pass. Default: the preset's recipe, else constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<date>-<time>-<model>-<dataset>)")
