@@ -71,13 +71,19 @@ def add_train(sub) -> None:
                    metavar="KEY=VALUE", help="override a model config field, e.g. --set pool=max (repeatable)")
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
     _add_data_flags(p)
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--lr", type=_positive_float, default=0.9)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--optimizer", default="sgd", choices=["sgd", "momentum", "adam", "adamw"])
+    p.add_argument("--num-classes", type=_positive_int, metavar="N",
+                   help="output units (same as --set num_classes=N; extra units are never targets)")
+    # Left unset, these come from the model preset's recipe (see `lenet models`), else the book's.
+    p.add_argument("--epochs", type=_positive_int, default=None, help="default: the preset's recipe, else 10")
+    p.add_argument("--lr", type=_positive_float, default=None, help="default: the preset's recipe, else 0.9")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the preset's recipe, else 256")
+    p.add_argument("--optimizer", default=None, choices=["sgd", "momentum", "adam", "adamw", "sdlm"],
+                   help="sdlm: stochastic diagonal Levenberg-Marquardt (LeNet-5's). "
+                        "Default: the preset's recipe, else sgd")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--schedule", default="constant", choices=["constant", "cosine", "onecycle"])
+    p.add_argument("--weight-decay", type=float, default=None, help="default: the preset's recipe, else 0")
+    p.add_argument("--schedule", default=None, choices=["constant", "cosine", "onecycle", "lecun"],
+                   help="lecun: the 1998 paper's steps per pass. Default: the preset's recipe, else constant")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<date>-<time>-<model>-<dataset>)")
@@ -89,6 +95,7 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from .errors import ConfigError
     from .runs import default_run_dir
     from .training import TrainConfig, resume, train
 
@@ -99,11 +106,17 @@ def cmd_train(args) -> int:
         print(result.book_lines())
         print(f"run saved in {result.run_dir}/")
         return 0
-    cfg = TrainConfig(model=args.model, overrides=dict(args.overrides), dataset=args.dataset,
-                      data_root=args.data_root, epochs=args.epochs, lr=args.lr,
-                      batch_size=args.batch_size, optimizer=args.optimizer, momentum=args.momentum,
-                      weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
-                      device=args.device)
+    overrides = dict(args.overrides)
+    if args.num_classes is not None:
+        if overrides.get("num_classes", str(args.num_classes)) != str(args.num_classes):
+            raise ConfigError(f"--num-classes {args.num_classes} contradicts --set num_classes="
+                             f"{overrides['num_classes']}: give one of them")
+        overrides["num_classes"] = str(args.num_classes)
+    recipe_flags = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule")
+    given = {k: getattr(args, k) for k in recipe_flags if getattr(args, k) is not None}
+    cfg = TrainConfig.for_model(args.model, overrides=overrides, dataset=args.dataset,
+                                data_root=args.data_root, momentum=args.momentum, seed=args.seed,
+                                device=args.device, **given)
     out = Path(args.out) if args.out else default_run_dir(args.model, args.dataset)
     result = train(cfg, out=out, overwrite=args.overwrite, progress=progress,
                    log=lambda s: print(s, flush=True))
@@ -172,6 +185,9 @@ def cmd_models(args) -> int:
 
     for name, entry in MODELS.items():
         print(f"{name:<10} {param_count(create_model(name)):>9,} params  {entry.description}")
+        if entry.recipe:
+            recipe = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in entry.recipe.items())
+            print(f"{'':<10} {'':>16} recipe (used when `lenet train` is not given these flags): {recipe}")
     return 0
 
 

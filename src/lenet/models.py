@@ -167,6 +167,8 @@ def _coerce(value: str, default: Any, key: str) -> Any:
             return float(value)
         if isinstance(default, tuple):
             text = value.strip().strip("()[]")
+            if text.lower() in ("", "none"):
+                return ()
             return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
         return value
     except ValueError:
@@ -254,6 +256,8 @@ def build_lenet(cfg: LeNetConfig) -> nn.Sequential:
         if cfg.dropout > 0:
             layers[f"drop{j}"] = nn.Dropout(cfg.dropout)
         features = width
+    if cfg.dropout > 0 and not cfg.dense:
+        layers["drop"] = nn.Dropout(cfg.dropout)
     layers["out"] = nn.Linear(features, cfg.num_classes)
     model = nn.Sequential(layers)
     init_weights(model, cfg.init)
@@ -271,13 +275,17 @@ class ModelEntry:
     config: Any  # a dataclass instance: the preset's defaults
     build: Callable[[Any], nn.Module]
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # The preset's recommended training recipe: TrainConfig fields (lr, optimizer, schedule, ...)
+    # used when the user does not give them (see TrainConfig.for_model). Empty: the book's recipe.
+    recipe: dict[str, Any] = field(default_factory=dict)
 
 
 MODELS: dict[str, ModelEntry] = {}
 
 
-def register(name: str, description: str, config: Any, build: Callable[[Any], nn.Module]) -> None:
-    MODELS[name] = ModelEntry(name, description, config, build)
+def register(name: str, description: str, config: Any, build: Callable[[Any], nn.Module],
+             recipe: dict[str, Any] | None = None) -> None:
+    MODELS[name] = ModelEntry(name, description, config, build, recipe=dict(recipe or {}))
 
 
 def get_entry(name: str) -> ModelEntry:
@@ -312,6 +320,10 @@ def build_from_dict(name: str, config: dict[str, Any]) -> nn.Module:
 
 register("classic", "the textbook LeNet (d2l 7.6): sigmoid, avg-pool, 6-16 conv, 120-84 dense, Xavier",
          LeNetConfig(), build_lenet)
+register("modern", "the same skeleton, modernised: ReLU, max-pool, BatchNorm, He init, global-average-pool head",
+         LeNetConfig(channels=(32, 64), kernel_size=(5,), padding=(2, 0), activation="relu", pool="max",
+                     dense=(64,), head="gap", norm="batch", init="he"),
+         build_lenet, recipe={"lr": 0.1, "optimizer": "momentum", "schedule": "onecycle", "weight_decay": 5e-4})
 
 
 def param_count(model: nn.Module, trainable_only: bool = True) -> int:
@@ -321,3 +333,5 @@ def param_count(model: nn.Module, trainable_only: bool = True) -> int:
 __all__ = ["LeNetConfig", "ScaledTanh", "Subsampling", "build_lenet", "create_model", "MODELS",
            "register", "resolve_config", "apply_overrides", "param_count", "config_to_dict",
            "build_from_dict", "init_weights"]
+
+from . import lenet5 as _lenet5  # noqa: E402,F401  (registers the "lenet5" preset; needs the blocks above)

@@ -34,8 +34,12 @@ from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from .evaluation import accuracy
 from .models import config_to_dict, get_entry, param_count, resolve_config
 
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "sdlm")
+SCHEDULES = ("constant", "cosine", "onecycle", "lecun")
+# LeCun et al. 1998's step sizes per pass (0.0005 for 2 passes, 0.0002 for 3, 0.0001 for 3,
+# 0.00005 for 4, then 0.00001), as multiples of the first: the "lecun" schedule.
+LECUN_PASSES = (1.0, 1.0, 0.4, 0.4, 0.4, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1)
+LECUN_AFTER = 0.02
 
 
 @dataclass
@@ -57,6 +61,16 @@ class TrainConfig:
     device: str = "auto"
     eval_batch_size: int = 2048
     curve_points: int = 5  # points per epoch in the training curves, as the book's animator draws
+
+    @classmethod
+    def for_model(cls, model: str = "classic", **fields: Any) -> "TrainConfig":
+        """A config for ``model`` starting from its preset's recommended recipe (``lenet models``
+        lists them): a field given here wins over the recipe, and the recipe over the defaults above.
+
+            >>> TrainConfig.for_model("modern").optimizer
+            'momentum'
+        """
+        return cls(model=model, **{**get_entry(model).recipe, **fields})
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -103,6 +117,10 @@ def make_optimizer(cfg: TrainConfig, params) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "sdlm":
+        from .sdlm import SDLM
+
+        return SDLM(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -112,6 +130,12 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    if cfg.schedule == "lecun":
+        def per_pass(step: int) -> float:
+            epoch = step // steps_per_epoch
+            return LECUN_PASSES[epoch] if epoch < len(LECUN_PASSES) else LECUN_AFTER
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, per_pass)
     return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
 
 
@@ -335,6 +359,9 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
             count, last_mark = 0, 0
             bar.start_epoch(epoch, cfg.epochs, steps)
             t_epoch = time.perf_counter()
+            prepare = getattr(optimizer, "prepare_epoch", None)
+            if prepare is not None:  # e.g. SDLM: re-estimate the curvature on 500 patterns per pass
+                prepare(model, to_float(train_x[perm[:500]]))
             for i in range(steps):
                 idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
                 x, y = to_float(train_x[idx]), train_y[idx]
