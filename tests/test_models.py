@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli
 from lenet.errors import ConfigError
 from lenet.lenet5 import C3_TABLE, DIGIT_BITMAPS, LeNet5, digit_prototypes
 from lenet.models import (LeNetConfig, MODELS, apply_overrides, build_lenet, create_model, param_count,
