@@ -209,8 +209,34 @@ def cmd_data(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# lenet compare
 
-COMMANDS = ["train", "evaluate", "summary", "models", "data"]
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="train the variants of a TOML spec and compare them in a table",
+                       description="Train each variant of SPEC once per seed and write RESULTS/results.md, "
+                                   "results.csv and test_acc.png. Finished runs are skipped when repeated.")
+    p.add_argument("spec", metavar="SPEC.toml", help="experiment spec, e.g. experiments/exercises.toml")
+    p.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results/<spec name>)")
+    _add_data_flags(p)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_compare(args) -> int:
+    from .compare import load_spec, run_spec
+
+    spec = load_spec(args.spec)
+    out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
+    runs = sum(len(v.seeds) for v in spec.variants)
+    print(f"{spec.path}: {len(spec.variants)} variants, {runs} runs -> {out}/", flush=True)
+    run_spec(spec, out, data_root=args.data_root, device=args.device, log=lambda s: print(s, flush=True))
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'test_acc.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare"]
 
 
 def build_parser() -> argparse.ArgumentParser:
