@@ -29,6 +29,7 @@ run folder records the settings it was trained with) and redoes the interrupted 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -365,6 +366,9 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
                 assert done is not None, run_dir
                 log(f"{prefix} {_outcome_text(done)}")
             outcomes.setdefault(v.name, []).append(done)
+            if k < total:  # the table so far, so an interrupted comparison still shows its results
+                write_results(spec, [summarize(w, outcomes[w.name]) for w in spec.variants if w.name in outcomes],
+                              outcomes, out, pending=total - k)
     rows = [summarize(v, outcomes[v.name]) for v in spec.variants]
     write_results(spec, rows, outcomes, out)
     return rows
@@ -404,13 +408,18 @@ class VariantRow:
 
 def model_size(v: Variant) -> tuple[int, int]:
     """(trainable parameters, multiply-accumulates per image) of a variant's network."""
+    return _model_size(v.model, json.dumps(v.overrides, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_size(model_name: str, overrides_json: str) -> tuple[int, int]:
     import torch
 
     from .models import create_model, param_count
     from .summary import trace
 
     torch.manual_seed(0)
-    model = create_model(v.model, **v.overrides)
+    model = create_model(model_name, **json.loads(overrides_json))
     return param_count(model), sum(r.macs for r in trace(model))
 
 
@@ -443,13 +452,13 @@ def _csv_row(r: VariantRow) -> dict[str, Any]:
             "train_time_s": r.train_time_s, "examples_per_sec": r.examples_per_sec}
 
 
-def format_markdown(spec: Spec, rows: list[VariantRow]) -> str:
+def format_markdown(spec: Spec, rows: list[VariantRow], pending: int = 0) -> str:
     def f(x: float | None, fmt: str) -> str:
         return "—" if x is None else format(x, fmt)
 
     lines = [f"# {spec.title or 'Comparison'}", "",
              f"Spec: `{spec.path}`. Test accuracy after the last epoch: mean ± standard deviation over "
-             "seeds (min–max in brackets); train loss: the last epoch's average, mean over seeds; "
+             "seeds, and its range (min–max); train loss: the last epoch's average, mean over seeds; "
              "train time: seconds of training per run (evaluation excluded), mean over seeds.", "",
              "| variant | what changes | data | epochs | lr | params | MACs/image | test acc | spread (min–max) "
              "| train loss | train time (s) | examples/s |",
@@ -466,6 +475,8 @@ def format_markdown(spec: Spec, rows: list[VariantRow]) -> str:
         lines.append(f"| {r.name} | {r.description} | {r.dataset} | {r.epochs} | {r.lr:g} | {r.parameters:,} "
                      f"| {r.macs:,} | {acc} | {spread} | {f(r.train_loss, '.3f')} | {r.train_time_s:.1f} "
                      f"| {f(r.examples_per_sec, ',.0f')} |")
+    if pending:
+        lines += ["", f"**Incomplete: {pending} run(s) still to train**; repeat the command to finish."]
     return "\n".join(lines) + "\n"
 
 
@@ -483,12 +494,13 @@ def mean_curves(spec: Spec, outcomes: dict[str, list[RunOutcome]]) -> dict[str, 
     return curves
 
 
-def write_results(spec: Spec, rows: list[VariantRow], outcomes: dict[str, list[RunOutcome]], out: Path) -> None:
+def write_results(spec: Spec, rows: list[VariantRow], outcomes: dict[str, list[RunOutcome]], out: Path,
+                  pending: int = 0) -> None:
     from . import runs
     from .plots import plot_comparison
 
     runs.write_csv(out / "results.csv", CSV_FIELDS, [_csv_row(r) for r in rows])
-    runs.atomic_write_bytes(out / "results.md", format_markdown(spec, rows).encode())
+    runs.atomic_write_bytes(out / "results.md", format_markdown(spec, rows, pending).encode())
     datasets = {v.name: v.dataset for v in spec.variants}
     plot_comparison(mean_curves(spec, outcomes), out / "test_acc.png", datasets=datasets,
                     title=spec.title or f"{spec.path.name}: test accuracy (mean over seeds)")
