@@ -99,6 +99,11 @@ def test_cli_spec_errors_are_one_line(tmp_path):
     bad.write_text("[variants.a]\nepochs = 'ten'\n")
     assert_user_error(run_cli("compare", str(bad), "--out", str(tmp_path / "r")), "bad.toml", "epochs", code=2)
     assert not (tmp_path / "r").exists()
+    good = tmp_path / "good.toml"
+    good.write_text(TINY)
+    (tmp_path / "file").write_text("x")
+    assert_user_error(run_cli("compare", str(good), "--out", str(tmp_path / "file")),
+                      "cannot create results folder", code=2)
 
 
 def _rows(path: Path) -> list[dict]:
