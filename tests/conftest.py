@@ -18,8 +18,14 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 
 
 def _data_root() -> Path | None:
-    root = Path(os.environ.get("LENET_DATA_ROOT") or SHARED_DATA)
-    return root if (root / "fashion-mnist").is_dir() else None
+    """$LENET_DATA_ROOT, else ../shared/data beside the repo (CI), else the user's lenet cache."""
+    from lenet.data import default_data_root
+
+    candidates = [os.environ.get("LENET_DATA_ROOT"), SHARED_DATA, default_data_root()]
+    for root in (Path(c) for c in candidates if c):
+        if (root / "fashion-mnist").is_dir():
+            return root
+    return None
 
 
 DATA_ROOT = _data_root()
@@ -55,6 +61,9 @@ def fashion(data_root):
 @pytest.fixture(scope="session")
 def mnist(data_root):
     from lenet.data import load_dataset
+
+    if not (data_root / "mnist").is_dir():
+        pytest.skip(f"no mnist/ in {data_root}")
 
     return load_dataset("mnist", data_root, download=False)
 

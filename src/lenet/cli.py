@@ -82,20 +82,29 @@ def add_train(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<date>-<time>-<model>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted run from its last checkpoint, with its saved settings "
+                        "(only --data-root, --device and --no-progress apply)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
 
 
 def cmd_train(args) -> int:
     from .runs import default_run_dir
-    from .training import TrainConfig, train
+    from .training import TrainConfig, resume, train
 
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.resume:
+        result = resume(args.resume, data_root=args.data_root, device=None if args.device == "auto" else args.device,
+                        progress=progress, log=lambda s: print(s, flush=True))
+        print(result.book_lines())
+        print(f"run saved in {result.run_dir}/")
+        return 0
     cfg = TrainConfig(model=args.model, overrides=dict(args.overrides), dataset=args.dataset,
                       data_root=args.data_root, epochs=args.epochs, lr=args.lr,
                       batch_size=args.batch_size, optimizer=args.optimizer, momentum=args.momentum,
                       weight_decay=args.weight_decay, schedule=args.schedule, seed=args.seed,
                       device=args.device)
     out = Path(args.out) if args.out else default_run_dir(args.model, args.dataset)
-    progress = not args.no_progress and sys.stderr.isatty()
     result = train(cfg, out=out, overwrite=args.overwrite, progress=progress,
                    log=lambda s: print(s, flush=True))
     print(result.book_lines())

@@ -38,3 +38,9 @@ class TrainingDiverged(LenetError):
     """The loss became NaN or infinite."""
 
     exit_code = 3
+
+
+class Interrupted(LenetError):
+    """Training was stopped with Ctrl-C after its last checkpoint was safely written."""
+
+    exit_code = 130

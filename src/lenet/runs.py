@@ -7,6 +7,8 @@ A run folder holds:
     curve.csv          5 points per epoch (train loss / train acc) plus test acc at each epoch end
     curves.png         the book's figure: train loss, train acc, test acc against epoch
     model.safetensors  the trained weights (safetensors: loading never runs code)
+    checkpoint.pt      model + optimizer + scheduler + RNG state after the last finished epoch,
+                       for ``lenet train --resume`` (read with ``torch.load(weights_only=True)``)
 
 Weights are only ever read with safetensors, so a tampered file cannot execute anything.
 """
@@ -32,6 +34,7 @@ METRICS = "metrics.csv"
 CURVE = "curve.csv"
 CURVES_PNG = "curves.png"
 WEIGHTS = "model.safetensors"
+CHECKPOINT = "checkpoint.pt"
 
 METRIC_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc", "epoch_time_s", "examples_per_sec"]
 CURVE_FIELDS = ["epoch", "train_loss", "train_acc", "test_acc"]
@@ -58,7 +61,7 @@ def prepare_run_dir(path: str | os.PathLike, *, overwrite: bool = False, resume:
     try:
         path.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
-            for name in (CONFIG, METRICS, CURVE, CURVES_PNG, WEIGHTS):
+            for name in (CONFIG, METRICS, CURVE, CURVES_PNG, WEIGHTS, CHECKPOINT):
                 (path / name).unlink(missing_ok=True)
         probe = path / ".write-test"
         with open(probe, "wb") as fh:
@@ -167,6 +170,30 @@ def load_state_into(model: nn.Module, state: dict[str, torch.Tensor], source: Pa
             raise CheckpointError(f"{source}: tensor {k} has shape {tuple(state[k].shape)}, the model "
                                   f"expects {tuple(v.shape)}; the file belongs to another configuration")
     model.load_state_dict(state, strict=True)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically (temporary file, fsync, rename)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any] | None:
+    """Read a checkpoint with ``weights_only=True`` (no code runs); None if there is none."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to unpickle means a damaged file
+        reason = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: unreadable checkpoint ({reason}); it may be truncated or "
+                              "tampered with: start the run again with --overwrite") from None
+    if not isinstance(state, dict) or "epoch" not in state or "model" not in state:
+        raise CheckpointError(f"{path}: not a lenet checkpoint; start the run again with --overwrite")
+    return state
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,9 @@ import dataclasses
 import json
 import math
 import platform
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from torch import nn
 
 from . import __version__
 from .data import Dataset, load_dataset, to_float
-from .errors import ConfigError, TrainingDiverged
+from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from .evaluation import accuracy
 from .models import config_to_dict, get_entry, param_count, resolve_config
 
@@ -178,10 +180,13 @@ class Progress:
             self.bar.set_postfix_str(f"loss {loss:.3f}, acc {acc:.3f}, {rate:,.0f} ex/s", refresh=False)
             self.bar.update(steps)
 
-    def end_epoch(self, m: EpochMetrics, epochs: int) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def end_epoch(self, m: EpochMetrics, epochs: int) -> None:
+        self.close()
         self.log(f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}: loss {m.train_loss:.3f}, "
                  f"train acc {m.train_acc:.3f}, test acc {m.test_acc:.3f}, "
                  f"{m.examples_per_sec:,.0f} examples/sec, {m.epoch_time_s:.1f} s")
@@ -193,17 +198,74 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
     """Train a model as ``cfg`` says; if ``out`` is given, write a run folder there.
 
     ``data`` skips dataset discovery (e.g. a synthetic dataset); ``model`` trains a ready-made
-    module instead of building ``cfg.model``.
+    module instead of building ``cfg.model``. With a run folder, a checkpoint is written atomically
+    at the end of every epoch, so :func:`resume` can continue after a crash or Ctrl-C.
     """
     from . import runs
 
     cfg = cfg or TrainConfig()
-    log = log or (lambda s: None)
     cfg.validate()
+    resolve_config(cfg.model, cfg.overrides)  # refuse a bad model config before touching the disk
+    run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
+    return _fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, model=model)
+
+
+def resume(run_dir: str | Path, *, data_root: str | None = None, device: str | None = None,
+           data: Dataset | None = None, progress: bool = False,
+           log: Callable[[str], None] | None = None) -> TrainResult:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its saved configuration.
+
+    On CPU the resumed run ends with exactly the metrics and weights of an uninterrupted run.
+    ``data_root`` and ``device`` may differ from the original run's (another machine).
+    """
+    from . import runs
+
+    run_dir = Path(run_dir)
+    saved = runs.read_config(run_dir)
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in saved.get("train", {}).items() if k in known})
+    if data_root is not None:
+        cfg.data_root = data_root
+    if device is not None:
+        cfg.device = device
+    cfg.validate()
+    state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
+    if state is None:
+        raise CheckpointError(f"{run_dir}: no checkpoint yet (the run stopped before its first epoch "
+                              f"ended); start it again with --out {run_dir} --overwrite")
+    return _fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, state=state)
+
+
+class _DeferInterrupt:
+    """Hold Ctrl-C while a checkpoint is written, then raise it: a checkpoint is never half-done."""
+
+    def __enter__(self):
+        self.pending = False
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.pending = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        if self.pending:
+            raise KeyboardInterrupt
+        return False
+
+
+def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progress: bool,
+         log: Callable[[str], None] | None, model: nn.Module | None = None,
+         state: dict[str, Any] | None = None) -> TrainResult:
+    from . import runs
+
+    log = log or (lambda s: None)
     device = resolve_device(cfg.device)
     entry = get_entry(cfg.model)
     model_cfg = resolve_config(cfg.model, cfg.overrides)
-    run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root, log=log)
     if hasattr(model_cfg, "num_classes") and model_cfg.num_classes < data.num_classes:
@@ -221,12 +283,34 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
     scheduler = make_schedule(cfg, optimizer, steps)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
+    history: list[EpochMetrics] = []
+    curve: list[dict[str, float | None]] = []
+    train_time, seen, start_epoch = 0.0, 0, 1
+    if state is not None:
+        try:
+            runs.load_state_into(model, state["model"], run_dir / runs.CHECKPOINT)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            shuffle.set_state(state["shuffle_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            history = [EpochMetrics(**h) for h in state["history"]]
+            curve = list(state["curve"])
+            train_time, seen = float(state["train_time"]), int(state["seen"])
+            start_epoch = int(state["epoch"]) + 1
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"{run_dir / runs.CHECKPOINT}: does not match this run's model or "
+                                  f"optimizer ({exc}); start the run again with --overwrite") from None
+        if start_epoch > cfg.epochs:
+            log(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to resume")
+        else:
+            log(f"resuming {run_dir} at epoch {start_epoch}/{cfg.epochs}")
+
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     marks = sorted({min(steps, max(1, round(steps * k / cfg.curve_points))) for k in range(1, cfg.curve_points + 1)})
     check_every = 1 if device.type == "cpu" else 20  # host syncs: free on CPU, costly on GPU
 
-    if run_dir is not None:
+    if run_dir is not None and state is None:
         config_json = {
             "model": cfg.model, "model_config": config_to_dict(model_cfg), "dataset": data.name,
             "classes": list(data.classes), "train": dataclasses.asdict(cfg),
@@ -235,58 +319,75 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
         }
         runs.write_json(run_dir / runs.CONFIG, config_json)
 
+    def diverged(value: float, where: str) -> TrainingDiverged:
+        kept = (f"; the last good checkpoint (epoch {history[-1].epoch}) is kept in {run_dir}"
+                if run_dir is not None and history else "")
+        return TrainingDiverged(f"loss became {value} {where}: training diverged; try a lower learning "
+                                f"rate (e.g. --lr {cfg.lr / 10:g}){kept}")
+
     bar = Progress(progress, log)
-    history: list[EpochMetrics] = []
-    curve: list[dict[str, float | None]] = []
-    train_time, seen = 0.0, 0
-    for epoch in range(1, cfg.epochs + 1):
-        model.train()
-        perm = torch.randperm(n, generator=shuffle).to(device)
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        count, last_mark = 0, 0
-        bar.start_epoch(epoch, cfg.epochs, steps)
-        t_epoch = time.perf_counter()
-        for i in range(steps):
-            idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            x, y = to_float(train_x[idx]), train_y[idx]
-            scores = model(x)
-            loss = criterion(scores, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                loss_sum += loss.detach() * y.shape[0]
-                correct += (scores.argmax(dim=1) == y).sum()
-            count += y.shape[0]
-            if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch}, step {i + 1}: training diverged; "
-                    f"try a lower learning rate (e.g. --lr {cfg.lr / 10:g})")
-            if (i + 1) in marks:
-                elapsed = train_time + time.perf_counter() - t_epoch
-                tl, ta = loss_sum.item() / count, correct.item() / count
-                if not math.isfinite(tl):
-                    raise TrainingDiverged(
-                        f"loss became {tl} in epoch {epoch} before step {i + 1}: training diverged; "
-                        f"try a lower learning rate (e.g. --lr {cfg.lr / 10:g})")
-                curve.append({"epoch": epoch - 1 + (i + 1) / steps, "train_loss": tl, "train_acc": ta,
-                              "test_acc": None})
-                bar.update(i + 1 - last_mark, tl, ta, (seen + count) / max(elapsed, 1e-9))
-                last_mark = i + 1
-        epoch_time = time.perf_counter() - t_epoch
-        train_time += epoch_time
-        seen += count
-        test_acc = accuracy(model, test_x, test_y, batch_size=cfg.eval_batch_size, device=device)
-        m = EpochMetrics(epoch, loss_sum.item() / count, correct.item() / count, test_acc,
-                         epoch_time, count / epoch_time)
-        history.append(m)
-        curve.append({"epoch": float(epoch), "train_loss": None, "train_acc": None, "test_acc": test_acc})
-        bar.end_epoch(m, cfg.epochs)
-        if run_dir is not None:
-            runs.write_csv(run_dir / runs.METRICS, runs.METRIC_FIELDS, [dataclasses.asdict(h) for h in history])
-            runs.write_csv(run_dir / runs.CURVE, runs.CURVE_FIELDS, curve)
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            model.train()
+            perm = torch.randperm(n, generator=shuffle).to(device)
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            count, last_mark = 0, 0
+            bar.start_epoch(epoch, cfg.epochs, steps)
+            t_epoch = time.perf_counter()
+            for i in range(steps):
+                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+                x, y = to_float(train_x[idx]), train_y[idx]
+                scores = model(x)
+                loss = criterion(scores, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                with torch.no_grad():
+                    loss_sum += loss.detach() * y.shape[0]
+                    correct += (scores.argmax(dim=1) == y).sum()
+                count += y.shape[0]
+                if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
+                    raise diverged(loss.item(), f"at epoch {epoch}, step {i + 1}")
+                if (i + 1) in marks:
+                    elapsed = train_time + time.perf_counter() - t_epoch
+                    tl, ta = loss_sum.item() / count, correct.item() / count
+                    if not math.isfinite(tl):
+                        raise diverged(tl, f"in epoch {epoch} before step {i + 1}")
+                    curve.append({"epoch": epoch - 1 + (i + 1) / steps, "train_loss": tl, "train_acc": ta,
+                                  "test_acc": None})
+                    bar.update(i + 1 - last_mark, tl, ta, (seen + count) / max(elapsed, 1e-9))
+                    last_mark = i + 1
+            epoch_time = time.perf_counter() - t_epoch
+            train_time += epoch_time
+            seen += count
+            test_acc = accuracy(model, test_x, test_y, batch_size=cfg.eval_batch_size, device=device)
+            m = EpochMetrics(epoch, loss_sum.item() / count, correct.item() / count, test_acc,
+                             epoch_time, count / epoch_time)
+            history.append(m)
+            curve.append({"epoch": float(epoch), "train_loss": None, "train_acc": None, "test_acc": test_acc})
+            bar.end_epoch(m, cfg.epochs)
+            if run_dir is not None:
+                with _DeferInterrupt():
+                    runs.write_csv(run_dir / runs.METRICS, runs.METRIC_FIELDS,
+                                   [dataclasses.asdict(h) for h in history])
+                    runs.write_csv(run_dir / runs.CURVE, runs.CURVE_FIELDS, curve)
+                    runs.save_checkpoint(run_dir / runs.CHECKPOINT, {
+                        "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "shuffle_rng": shuffle.get_state(),
+                        "torch_rng": torch.get_rng_state(), "history": [dataclasses.asdict(h) for h in history],
+                        "curve": curve, "train_time": train_time, "seen": seen,
+                    })
+    except KeyboardInterrupt:
+        bar.close()
+        if run_dir is None:
+            raise
+        done = history[-1].epoch if history else 0
+        raise Interrupted(f"interrupted; {done} of {cfg.epochs} epochs are saved in {run_dir}: "
+                          f"continue with `lenet train --resume {run_dir}`") from None
+    finally:
+        bar.close()
 
     result = TrainResult(cfg, model, history, curve, train_time, seen, device, run_dir)
     if run_dir is not None:

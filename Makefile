@@ -1,0 +1,56 @@
+# lenet: every target sets up what it needs on a fresh machine.
+#   make train   set up, get Fashion-MNIST, train the textbook LeNet (the book's recipe)
+#   make test    set up (incl. the browser for the web-page test where apt can install it), run the tests
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+LENET  := $(VENV)/bin/lenet
+# The CPU build of torch 2.13.0: pip finds it on this machine's disk; elsewhere it comes from PyPI.
+TORCH_SPEC ?= torch==2.13.0
+# Tests read real data from here (CI: the shared folder beside the clone); training never does.
+TEST_DATA_ROOT ?= $(or $(LENET_DATA_ROOT),$(abspath ../shared/data))
+
+.PHONY: setup train data test browser clean help
+
+help:
+	@sed -n '2,3p' Makefile
+
+$(VENV)/.installed: pyproject.toml
+	@echo ">> creating $(VENV) and installing PyTorch ($(TORCH_SPEC)) and lenet's dependencies"
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet "$(TORCH_SPEC)"
+	$(PIP) install --quiet -e ".[export,test]"
+	@touch $@
+
+setup: $(VENV)/.installed
+
+# Data: already present (--data-root/LENET_DATA_ROOT, cache, Debian's folder), else a verified
+# download, else Debian's dataset-fashion-mnist package where apt-get may run.
+data: setup
+	@$(LENET) data fetch --dataset fashion-mnist || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo ">> download failed: installing Debian's dataset-fashion-mnist package instead"; \
+	    (apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }) \
+	      && $(LENET) data fetch --dataset fashion-mnist; \
+	  else exit 1; fi; }
+
+train: data
+	$(LENET) train $(ARGS)
+
+# Debian's Chromium + ChromeDriver for the end-to-end test of `lenet serve` (skipped without them).
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	  echo ">> installing Debian's chromium and chromium-driver for the browser test"; \
+	  (apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q chromium chromium-driver >/dev/null; }) \
+	    || echo ">> could not install chromium: the browser test will be skipped"; \
+	else echo ">> no chromium and no apt-get as root: the browser test will be skipped"; fi
+
+test: setup browser
+	LENET_DATA_ROOT="$(TEST_DATA_ROOT)" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
