@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, assert_user_error, run_cli
+from .conftest import REPO, assert_user_error, run_cli
 from lenet.compare import MARKER, load_spec, parse_spec, run_spec
 from lenet.errors import ConfigError
 
@@ -191,3 +191,32 @@ lr = 1000
     logs.clear()
     run_spec(spec, tmp_path, data=synthetic_dataset(256, 64), log=logs.append)
     assert all("skipped" in line for line in logs), logs
+
+
+def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path, monkeypatch):
+    import lenet.runs
+    from lenet.data import synthetic_dataset
+    from lenet.errors import Interrupted
+
+    text = "[defaults]\nepochs = 2\nlr = 0.5\n[variants.a]\n[variants.b]\nlr = 0.2\n"
+    data = synthetic_dataset(256, 64)
+    reference = run_spec(parse_spec(text, "r.toml"), tmp_path / "reference", data=data)
+
+    real_save = lenet.runs.save_checkpoint
+
+    def save_then_ctrl_c(path, state):  # Ctrl-C right after the first epoch of b is saved
+        real_save(path, state)
+        if "b-seed0" in str(path):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(lenet.runs, "save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(Interrupted, match="interrupted during b-seed0.*repeat the command"):
+        run_spec(parse_spec(text, "r.toml"), tmp_path / "out", data=data)
+    monkeypatch.setattr(lenet.runs, "save_checkpoint", real_save)
+    assert json.loads((tmp_path / "out" / "runs" / "b-seed0" / MARKER).read_text())["status"] == "running"
+
+    logs: list[str] = []
+    rows = run_spec(parse_spec(text, "r.toml"), tmp_path / "out", data=data, log=logs.append)
+    assert "skipped" in logs[0] and "resumed after epoch 1" in logs[1], logs
+    assert [r.acc_mean for r in rows] == [r.acc_mean for r in reference]
+    assert [r.train_loss for r in rows] == [r.train_loss for r in reference]

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli
 from lenet import visualize
 from lenet.data import synthetic_dataset
 from lenet.models import create_model

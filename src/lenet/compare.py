@@ -20,7 +20,8 @@ states only what differs from it::
 Each variant is trained once per seed into ``RESULTS/runs/<variant>-seed<k>/`` (an ordinary run
 folder); the table (``results.md``, ``results.csv``) and the plot (``test_acc.png``) are computed
 from those folders, so a repeated command skips the runs that finished (a ``compare.json`` in the
-run folder records the settings it was trained with) and redoes the interrupted ones.
+run folder records the settings it was trained with), continues an interrupted run from its last
+epoch checkpoint, and redoes a run whose settings changed.
 
     >>> from lenet.compare import load_spec, run_spec
     >>> spec = load_spec("experiments/exercises.toml")
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, LenetError, TrainingDiverged
+from .errors import ConfigError, Interrupted, LenetError, TrainingDiverged
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -303,6 +304,21 @@ def finished_run(run_dir: Path, settings: dict[str, Any]) -> RunOutcome | None:
     return RunOutcome(marker.get("variant", ""), settings["seed"], status, epochs, marker.get("message", ""))
 
 
+def _checkpoint_epoch(run_dir: Path, settings: dict[str, Any]) -> int:
+    """The last saved epoch of an interrupted run of these ``settings`` in ``run_dir``, else 0."""
+    from . import runs
+
+    try:
+        marker = json.loads((run_dir / MARKER).read_text())
+        if marker.get("status") != "running" or marker.get("settings") != settings:
+            return 0
+        state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
+    except (OSError, ValueError, LenetError):
+        return 0
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    return epoch if isinstance(epoch, int) and 0 < epoch <= settings["epochs"] else 0
+
+
 class _DataCache:
     """Datasets loaded once per command (and cut to train_limit/test_limit when a variant asks)."""
 
@@ -330,7 +346,7 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
     Returns the table rows. ``data`` (a Dataset) replaces loading the variants' datasets (tests).
     """
     from . import runs
-    from .training import train
+    from .training import resume, train
 
     log = log or (lambda s: None)
     out = Path(out)
@@ -355,16 +371,27 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
                 log(f"{prefix} already finished, skipped ({_outcome_text(done)})")
             else:
                 dataset = data if data is not None else cache.get(v)
+                resumed = _checkpoint_epoch(run_dir, settings)
                 try:
-                    train(v.train_config(seed, data_root, device), data=dataset, out=run_dir, overwrite=True)
+                    if resumed:  # interrupted after some epochs: continue from the last checkpoint
+                        resume(run_dir, data=dataset, device=device, data_root=data_root)
+                    else:
+                        runs.prepare_run_dir(run_dir, overwrite=True)
+                        runs.write_json(run_dir / MARKER, {"variant": v.name, "status": "running",
+                                                           "settings": settings})
+                        train(v.train_config(seed, data_root, device), data=dataset, out=run_dir, overwrite=True)
                     status, message = "done", ""
                 except TrainingDiverged as exc:
                     status, message = "diverged", str(exc)
+                except Interrupted:
+                    raise Interrupted(f"interrupted during {v.run_name(seed)}; finished runs and saved epochs "
+                                      f"are kept in {out}: repeat the command to continue") from None
                 runs.write_json(run_dir / MARKER, {"variant": v.name, "status": status, "message": message,
                                                    "settings": settings})
                 done = finished_run(run_dir, settings)
                 assert done is not None, run_dir
-                log(f"{prefix} {_outcome_text(done)}")
+                how = f" (resumed after epoch {resumed})" if resumed else ""
+                log(f"{prefix} {_outcome_text(done)}{how}")
             outcomes.setdefault(v.name, []).append(done)
             if k < total:  # the table so far, so an interrupted comparison still shows its results
                 write_results(spec, [summarize(w, outcomes[w.name]) for w in spec.variants if w.name in outcomes],
