@@ -234,8 +234,137 @@ def cmd_data(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# lenet compare
 
-COMMANDS = ["train", "evaluate", "summary", "models", "data"]
+
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="train the variants of a TOML spec and compare them in a table",
+                       description="Train each variant of SPEC once per seed and write RESULTS/results.md, "
+                                   "results.csv and test_acc.png. Finished runs are skipped when repeated.")
+    p.add_argument("spec", metavar="SPEC.toml", help="experiment spec, e.g. experiments/exercises.toml")
+    p.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results/<spec name>)")
+    _add_data_flags(p)
+    p.add_argument("--device", default="auto")
+
+
+def cmd_compare(args) -> int:
+    from .compare import load_spec, run_spec
+
+    spec = load_spec(args.spec)
+    out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
+    runs = sum(len(v.seeds) for v in spec.variants)
+    print(f"{spec.path}: {len(spec.variants)} variants, {runs} runs -> {out}/", flush=True)
+    run_spec(spec, out, data_root=args.data_root, device=args.device, log=lambda s: print(s, flush=True))
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'test_acc.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# lenet activations / filters / mistakes: seeing inside a trained run
+
+
+def _figure_out(args, default_name: str) -> Path:
+    out = Path(args.out) if args.out else Path(args.run_dir) / default_name
+    if out.suffix.lower() != ".png":
+        raise LenetError(f"--out {out}: give a .png file name")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LenetError(f"--out {out}: cannot create its folder ({exc.strerror or exc})") from None
+    return out
+
+
+def _load_run_and_data(args):
+    from .data import load_dataset
+    from .runs import load_run
+
+    run = load_run(args.run_dir)
+    return run, load_dataset(run.dataset, args.data_root)
+
+
+def _save(draw, out: Path) -> None:
+    try:
+        draw(out)
+    except OSError as exc:
+        raise LenetError(f"cannot write {out}: {exc.strerror or exc}; choose another --out") from None
+
+
+def add_activations(sub) -> None:
+    p = sub.add_parser("activations", help="feature maps of the first two conv stages for chosen test images",
+                       description="Draw each chosen test image next to the feature maps of the first and "
+                                   "second conv stages (after the activation). Default: test images 0 and 1.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--index", type=int, nargs="+", action="extend", default=[], metavar="N",
+                   help="test image index (repeatable)")
+    p.add_argument("--class", dest="classes", nargs="+", action="extend", default=[], metavar="NAME",
+                   help="the first test image of this class, e.g. --class Pullover --class Coat (repeatable)")
+    p.add_argument("--per-class", type=_positive_int, default=1, metavar="K",
+                   help="images per --class (default 1)")
+    _add_data_flags(p)
+    p.add_argument("--out", metavar="PNG", help="figure file (default RUN_DIR/activations.png)")
+
+
+def cmd_activations(args) -> int:
+    from . import visualize
+
+    run, data = _load_run_and_data(args)
+    indices = args.index if args.index or args.classes else [0, 1]
+    chosen = visualize.pick_images(data, indices if args.index or not args.classes else [],
+                                   args.classes, args.per_class)
+    if len(chosen) > 12:
+        raise LenetError(f"{len(chosen)} images chosen: at most 12 fit in one figure")
+    out = _figure_out(args, "activations.png")
+    _save(lambda o: visualize.plot_activations(run.model, data, chosen, o), out)
+    print(f"activations of test images {', '.join(map(str, chosen))} saved to {out}")
+    return 0
+
+
+def add_filters(sub) -> None:
+    p = sub.add_parser("filters", help="the first conv layer's kernels as a grid")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="PNG", help="figure file (default RUN_DIR/filters.png)")
+
+
+def cmd_filters(args) -> int:
+    from . import visualize
+    from .runs import load_run
+
+    run = load_run(args.run_dir)
+    out = _figure_out(args, "filters.png")
+    _save(lambda o: visualize.plot_filters(run.model, o), out)
+    print(f"first-layer kernels saved to {out}")
+    return 0
+
+
+def add_mistakes(sub) -> None:
+    p = sub.add_parser("mistakes", help="the most confidently misclassified test images",
+                       description="A grid of the test images the model gets wrong with the highest "
+                                   "confidence, with true and predicted labels.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--count", type=_positive_int, default=18, metavar="N", help="images to show (default 18)")
+    _add_data_flags(p)
+    p.add_argument("--out", metavar="PNG", help="figure file (default RUN_DIR/mistakes.png)")
+
+
+def cmd_mistakes(args) -> int:
+    from . import visualize
+
+    run, data = _load_run_and_data(args)
+    mistakes, wrong = visualize.confident_mistakes(run.model, data, args.count)
+    out = _figure_out(args, "mistakes.png")
+    title = (f"{run.config['model']} on {data.name}: the {len(mistakes)} most confident of {wrong:,} "
+             f"misclassified test images (confidence = softmax)")
+    _save(lambda o: visualize.plot_mistakes(mistakes, data, o, title=title), out)
+    for m in mistakes:
+        print(f"#{m.index:<6} true {data.classes[m.true]:<12} predicted {data.classes[m.pred]:<12} "
+              f"confidence {m.confidence:.3f}")
+    print(f"{wrong:,} of {len(data.test):,} test images misclassified; figure saved to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+
+COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "activations", "filters", "mistakes"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,3 +59,40 @@ def plot_confusion(confusion, classes: Sequence[str], path: Path, title: str = "
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_comparison(curves: dict, path: Path, datasets: dict | None = None, title: str = "") -> Path:
+    """Test accuracy against epoch, one line per variant (``curves``: name -> (epochs, accs)).
+
+    Variants on different datasets get their own panel (accuracies on MNIST and Fashion-MNIST
+    are not on the same scale)."""
+    plt = _pyplot()
+    datasets = datasets or {}
+    groups: dict[str, list[str]] = {}
+    for name in curves:
+        groups.setdefault(datasets.get(name, ""), []).append(name)
+    if not groups:
+        groups[""] = []
+    styles = ["-", "--", "-.", ":"]
+    tallest = max(len(names) for names in groups.values())
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), max(3.6, 1.2 + 0.24 * tallest)),
+                             dpi=120, squeeze=False)
+    for ax, (dataset, names) in zip(axes[0], groups.items()):
+        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        for i, name in enumerate(names):
+            xs, ys = curves[name]
+            ax.plot(xs, ys, styles[i % 2] if len(names) > 10 else "-",  # tab20: dark solid, light dashed
+                    color=cmap(i % cmap.N), marker="." if len(xs) < 25 else None, label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy")
+        ax.grid(True, alpha=0.3)
+        if dataset:
+            ax.set_title(dataset, fontsize=9)
+        if names:
+            ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -1,0 +1,533 @@
+"""The experiment runner behind ``lenet compare SPEC.toml``: train named variants, compare them.
+
+A spec is a TOML file. ``[defaults]`` holds what all variants share; each ``[variants.NAME]``
+states only what differs from it::
+
+    [defaults]
+    model = "classic"            # a preset from `lenet models`
+    dataset = "fashion-mnist"
+    epochs = 10
+    lr = 0.9
+    seeds = [0, 1]
+
+    [variants.baseline]
+    description = "the textbook LeNet"
+
+    [variants.max-pool]
+    description = "max instead of average pooling"
+    set = { pool = "max" }       # model config overrides, as `lenet train --set pool=max`
+
+Each variant is trained once per seed into ``RESULTS/runs/<variant>-seed<k>/`` (an ordinary run
+folder); the table (``results.md``, ``results.csv``) and the plot (``test_acc.png``) are computed
+from those folders, so a repeated command skips the runs that finished (a ``compare.json`` in the
+run folder records the settings it was trained with), continues an interrupted run from its last
+epoch checkpoint, and redoes a run whose settings changed.
+
+    >>> from lenet.compare import load_spec, run_spec
+    >>> spec = load_spec("experiments/exercises.toml")
+    >>> rows = run_spec(spec, "results/exercises")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import re
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, Interrupted, LenetError, TrainingDiverged
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+MARKER = "compare.json"
+OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+# key -> (kind, default). Kinds: str, int (>= 1), float (> 0), nonneg (float >= 0), seeds, table, limit
+KEYS: dict[str, tuple[str, Any]] = {
+    "description": ("text", ""),
+    "model": ("str", "classic"),
+    "set": ("table", {}),
+    "dataset": ("str", "fashion-mnist"),
+    "epochs": ("int", 10),
+    "lr": ("float", 0.9),
+    "batch_size": ("int", 256),
+    "optimizer": ("str", "sgd"),
+    "momentum": ("nonneg", 0.9),
+    "weight_decay": ("nonneg", 0.0),
+    "schedule": ("str", "constant"),
+    "seeds": ("seeds", [0]),
+    "train_limit": ("limit", None),  # train on the first N training images (for quick tests)
+    "test_limit": ("limit", None),   # evaluate on the first N test images
+}
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass
+class Variant:
+    """One row of the comparison: a model + training recipe, trained once per seed."""
+
+    name: str
+    description: str
+    model: str
+    overrides: dict[str, Any]
+    dataset: str
+    epochs: int
+    lr: float
+    batch_size: int
+    optimizer: str
+    momentum: float
+    weight_decay: float
+    schedule: str
+    seeds: list[int]
+    train_limit: int | None = None
+    test_limit: int | None = None
+
+    def settings(self, seed: int) -> dict[str, Any]:
+        """What a run of this variant is trained with (stored in its compare.json)."""
+        return {"model": self.model, "set": self.overrides, "dataset": self.dataset,
+                "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
+                "optimizer": self.optimizer, "momentum": self.momentum,
+                "weight_decay": self.weight_decay, "schedule": self.schedule, "seed": seed,
+                "train_limit": self.train_limit, "test_limit": self.test_limit}
+
+    def train_config(self, seed: int, data_root: str | None, device: str = "auto"):
+        from .training import TrainConfig
+
+        return TrainConfig(model=self.model, overrides=dict(self.overrides), dataset=self.dataset,
+                           data_root=data_root, epochs=self.epochs, lr=self.lr,
+                           batch_size=self.batch_size, optimizer=self.optimizer,
+                           momentum=self.momentum, weight_decay=self.weight_decay,
+                           schedule=self.schedule, seed=seed, device=device)
+
+    def run_name(self, seed: int) -> str:
+        return f"{self.name}-seed{seed}"
+
+
+@dataclass
+class Spec:
+    path: Path
+    variants: list[Variant] = field(default_factory=list)
+    title: str = ""
+
+
+# --------------------------------------------------------------------------------------------
+# Parsing and validation
+
+
+def _check_value(where: str, key: str, value: Any, kind: str) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{where}: {key} = {value!r}: expected {expected}")
+
+    if kind in ("str", "text"):
+        if not isinstance(value, str) or (kind == "str" and not value):
+            raise bad("a string")
+        return value
+    if kind in ("int", "limit"):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise bad("an integer >= 1")
+        return value
+    if kind in ("float", "nonneg"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise bad("a number")
+        if kind == "float" and value <= 0:
+            raise bad("a positive number")
+        if kind == "nonneg" and value < 0:
+            raise bad("a number >= 0")
+        return float(value)
+    if kind == "seeds":
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if (not isinstance(value, list) or not value
+                or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in value)):
+            raise bad("a non-empty list of integers >= 0, e.g. [0, 1]")
+        if len(set(value)) != len(value):
+            raise bad("distinct seeds")
+        return list(value)
+    if kind == "table":
+        if not isinstance(value, dict):
+            raise bad('a table of model settings, e.g. { pool = "max" }')
+        for k, v in value.items():
+            if isinstance(v, dict) or (isinstance(v, list) and any(not isinstance(x, int) or isinstance(x, bool)
+                                                                   for x in v)):
+                raise ConfigError(f"{where}: set.{k} = {v!r}: expected a number, string, or list of integers")
+        return dict(value)
+    raise AssertionError(kind)
+
+
+def _check_table(where: str, table: Any) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table of settings, got {table!r}")
+    out = {}
+    for key, value in table.items():
+        if key not in KEYS:
+            hint = (" (a variant name with a dot must be quoted: [variants.\"lr0.3\"])"
+                    if isinstance(value, dict) else "")
+            raise ConfigError(f"{where}: unknown key {key!r}{hint}; known keys are {', '.join(KEYS)}")
+        out[key] = _check_value(where, key, value, KEYS[key][0])
+    return out
+
+
+def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str, Any]) -> Variant:
+    from .data import DATASETS
+    from .models import MODELS, resolve_config
+
+    where = f"{path}: variant {name!r}"
+    merged = {key: default for key, (_, default) in KEYS.items()}
+    merged.update(defaults)
+    merged.update(own)
+    merged["set"] = {**defaults.get("set", {}), **own.get("set", {})}
+
+    def choose(key: str, options) -> None:
+        if merged[key] not in options:
+            src = "" if key in own else " (from [defaults])"
+            raise ConfigError(f"{where}: {key} = {merged[key]!r}{src}: choose one of {', '.join(options)}")
+
+    choose("model", list(MODELS))
+    choose("dataset", sorted(DATASETS))
+    choose("optimizer", OPTIMIZERS)
+    choose("schedule", SCHEDULES)
+    try:  # a network that cannot be built is refused now, not after an hour of other variants
+        resolve_config(merged["model"], dict(merged["set"]))
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: set = {merged['set']!r}: {exc}") from None
+    return Variant(name=name, description=merged["description"], model=merged["model"],
+                   overrides=dict(merged["set"]), dataset=merged["dataset"], epochs=merged["epochs"],
+                   lr=merged["lr"], batch_size=merged["batch_size"], optimizer=merged["optimizer"],
+                   momentum=merged["momentum"], weight_decay=merged["weight_decay"],
+                   schedule=merged["schedule"], seeds=merged["seeds"],
+                   train_limit=merged["train_limit"], test_limit=merged["test_limit"])
+
+
+def parse_spec(text: str, path: str | Path = "<spec>") -> Spec:
+    """Parse and validate the text of a spec; every problem is one :class:`ConfigError` line."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    unknown = [k for k in doc if k not in ("title", "defaults", "variants")]
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level entry {unknown[0]!r}; a spec has title, "
+                          "[defaults] and [variants.NAME] tables")
+    title = doc.get("title", "")
+    if not isinstance(title, str):
+        raise ConfigError(f"{path}: title = {title!r}: expected a string")
+    defaults = _check_table(f"{path}: [defaults]", doc.get("defaults", {}))
+    variants_doc = doc.get("variants")
+    if not isinstance(variants_doc, dict) or not variants_doc:
+        raise ConfigError(f"{path}: no variants; add at least one [variants.NAME] table")
+    variants = []
+    for name, table in variants_doc.items():
+        if not NAME_RE.match(name):
+            raise ConfigError(f"{path}: variant name {name!r}: use letters, digits, '-', '_', '.', '+' "
+                              "(it names the run folders)")
+        own = _check_table(f"{path}: variant {name!r}", table)
+        variants.append(_make_variant(path, name, defaults, own))
+    return Spec(path=path, variants=variants, title=title)
+
+
+def load_spec(path: str | Path) -> Spec:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"spec {path} not found: pass a TOML file such as experiments/exercises.toml") from None
+    except IsADirectoryError:
+        raise ConfigError(f"spec {path} is a folder: pass a TOML file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"spec {path}: cannot read it ({exc})") from None
+    return parse_spec(text, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+
+
+@dataclass
+class RunOutcome:
+    """One (variant, seed) run, read back from its folder."""
+
+    variant: str
+    seed: int
+    status: str  # "done" or "diverged"
+    epochs: list[dict[str, float | None]]  # rows of metrics.csv
+    message: str = ""
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.epochs[-1]["test_acc"] if self.epochs and self.status == "done" else None
+
+    @property
+    def train_loss(self) -> float | None:
+        return self.epochs[-1]["train_loss"] if self.epochs and self.status == "done" else None
+
+    @property
+    def train_time_s(self) -> float:
+        return sum(r["epoch_time_s"] or 0.0 for r in self.epochs)
+
+    @property
+    def examples_per_sec(self) -> float | None:
+        # examples_per_sec * epoch_time_s is the number of examples of each epoch
+        seen = sum((r["examples_per_sec"] or 0.0) * (r["epoch_time_s"] or 0.0) for r in self.epochs)
+        return seen / self.train_time_s if self.train_time_s > 0 else None
+
+
+def finished_run(run_dir: Path, settings: dict[str, Any]) -> RunOutcome | None:
+    """The outcome of a finished run in ``run_dir`` trained with ``settings``, else None."""
+    from . import runs
+
+    try:
+        marker = json.loads((run_dir / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("settings") != settings:
+        return None
+    status = marker.get("status")
+    try:
+        epochs = runs.read_csv(run_dir / runs.METRICS) if (run_dir / runs.METRICS).is_file() else []
+    except (OSError, ValueError, KeyError):
+        return None
+    if status == "done":
+        if not (run_dir / runs.WEIGHTS).is_file() or len(epochs) != settings["epochs"]:
+            return None
+    elif status != "diverged":
+        return None
+    return RunOutcome(marker.get("variant", ""), settings["seed"], status, epochs, marker.get("message", ""))
+
+
+def _checkpoint_epoch(run_dir: Path, settings: dict[str, Any]) -> int:
+    """The last saved epoch of an interrupted run of these ``settings`` in ``run_dir``, else 0."""
+    from . import runs
+
+    try:
+        marker = json.loads((run_dir / MARKER).read_text())
+        if marker.get("status") != "running" or marker.get("settings") != settings:
+            return 0
+        state = runs.load_checkpoint(run_dir / runs.CHECKPOINT)
+    except (OSError, ValueError, LenetError):
+        return 0
+    epoch = state.get("epoch") if isinstance(state, dict) else None
+    return epoch if isinstance(epoch, int) and 0 < epoch <= settings["epochs"] else 0
+
+
+class _DataCache:
+    """Datasets loaded once per command (and cut to train_limit/test_limit when a variant asks)."""
+
+    def __init__(self, data_root: str | None, log: Callable[[str], None]):
+        self.data_root, self.log, self.full = data_root, log, {}
+
+    def get(self, v: Variant):
+        from .data import Dataset, Split, load_dataset
+
+        if v.dataset not in self.full:
+            self.full[v.dataset] = load_dataset(v.dataset, self.data_root, log=self.log)
+        d = self.full[v.dataset]
+        if v.train_limit is None and v.test_limit is None:
+            return d
+        tr, te = slice(0, v.train_limit), slice(0, v.test_limit)
+        return Dataset(name=d.name, classes=d.classes, folder=d.folder,
+                       train=Split(d.train.images[tr], d.train.labels[tr]),
+                       test=Split(d.test.images[te], d.test.labels[te]))
+
+
+def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, device: str = "auto",
+             log: Callable[[str], None] | None = None, data=None) -> list["VariantRow"]:
+    """Train every (variant, seed) of ``spec`` not already finished in ``out``; write the results.
+
+    Returns the table rows. ``data`` (a Dataset) replaces loading the variants' datasets (tests).
+    """
+    from . import runs
+    from .training import resume, train
+
+    log = log or (lambda s: None)
+    out = Path(out)
+    runs_dir = out / "runs"
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LenetError(f"cannot create results folder {out}: {exc.strerror or exc}; choose another --out") from None
+    cache = _DataCache(data_root, log)
+    total = sum(len(v.seeds) for v in spec.variants)
+    width = len(str(total))
+    outcomes: dict[str, list[RunOutcome]] = {}
+    k = 0
+    for v in spec.variants:
+        for seed in v.seeds:
+            k += 1
+            run_dir = runs_dir / v.run_name(seed)
+            settings = v.settings(seed)
+            prefix = f"[{k:>{width}}/{total}] {v.name} seed {seed}:"
+            done = finished_run(run_dir, settings)
+            if done is not None:
+                log(f"{prefix} already finished, skipped ({_outcome_text(done)})")
+            else:
+                dataset = data if data is not None else cache.get(v)
+                resumed = _checkpoint_epoch(run_dir, settings)
+                try:
+                    if resumed:  # interrupted after some epochs: continue from the last checkpoint
+                        resume(run_dir, data=dataset, device=device, data_root=data_root)
+                    else:
+                        runs.prepare_run_dir(run_dir, overwrite=True)
+                        runs.write_json(run_dir / MARKER, {"variant": v.name, "status": "running",
+                                                           "settings": settings})
+                        train(v.train_config(seed, data_root, device), data=dataset, out=run_dir, overwrite=True)
+                    status, message = "done", ""
+                except TrainingDiverged as exc:
+                    status, message = "diverged", str(exc)
+                except Interrupted:
+                    raise Interrupted(f"interrupted during {v.run_name(seed)}; finished runs and saved epochs "
+                                      f"are kept in {out}: repeat the command to continue") from None
+                runs.write_json(run_dir / MARKER, {"variant": v.name, "status": status, "message": message,
+                                                   "settings": settings})
+                done = finished_run(run_dir, settings)
+                assert done is not None, run_dir
+                how = f" (resumed after epoch {resumed})" if resumed else ""
+                log(f"{prefix} {_outcome_text(done)}{how}")
+            outcomes.setdefault(v.name, []).append(done)
+            if k < total:  # the table so far, so an interrupted comparison still shows its results
+                write_results(spec, [summarize(w, outcomes[w.name]) for w in spec.variants if w.name in outcomes],
+                              outcomes, out, pending=total - k)
+    rows = [summarize(v, outcomes[v.name]) for v in spec.variants]
+    write_results(spec, rows, outcomes, out)
+    return rows
+
+
+def _outcome_text(o: RunOutcome) -> str:
+    if o.status == "diverged":
+        return f"diverged ({o.message.split(':')[0]})"
+    return (f"test acc {o.test_acc:.3f}, train loss {o.train_loss:.3f}, {o.train_time_s:.1f} s, "
+            f"{o.examples_per_sec:,.0f} examples/sec")
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+
+
+@dataclass
+class VariantRow:
+    name: str
+    description: str
+    model: str
+    dataset: str
+    epochs: int
+    lr: float
+    parameters: int
+    macs: int
+    seeds: int
+    diverged: int
+    acc_mean: float | None
+    acc_std: float | None
+    acc_min: float | None
+    acc_max: float | None
+    train_loss: float | None
+    train_time_s: float
+    examples_per_sec: float | None
+
+
+def model_size(v: Variant) -> tuple[int, int]:
+    """(trainable parameters, multiply-accumulates per image) of a variant's network."""
+    return _model_size(v.model, json.dumps(v.overrides, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _model_size(model_name: str, overrides_json: str) -> tuple[int, int]:
+    import torch
+
+    from .models import create_model, param_count
+    from .summary import trace
+
+    torch.manual_seed(0)
+    model = create_model(model_name, **json.loads(overrides_json))
+    return param_count(model), sum(r.macs for r in trace(model))
+
+
+def summarize(v: Variant, outcomes: list[RunOutcome]) -> VariantRow:
+    params, macs = model_size(v)
+    ok = [o for o in outcomes if o.status == "done"]
+    accs = [o.test_acc for o in ok]
+    mean = statistics.fmean(accs) if accs else None
+    std = statistics.stdev(accs) if len(accs) > 1 else (0.0 if accs else None)
+    rates = [o.examples_per_sec for o in ok if o.examples_per_sec]
+    return VariantRow(
+        name=v.name, description=v.description, model=v.model, dataset=v.dataset, epochs=v.epochs,
+        lr=v.lr, parameters=params, macs=macs, seeds=len(outcomes), diverged=len(outcomes) - len(ok),
+        acc_mean=mean, acc_std=std, acc_min=min(accs) if accs else None, acc_max=max(accs) if accs else None,
+        train_loss=statistics.fmean(o.train_loss for o in ok) if ok else None,
+        train_time_s=statistics.fmean(o.train_time_s for o in ok) if ok else 0.0,
+        examples_per_sec=statistics.fmean(rates) if rates else None)
+
+
+CSV_FIELDS = ["variant", "description", "model", "dataset", "epochs", "lr", "parameters", "macs_per_image",
+              "seeds", "diverged", "test_acc_mean", "test_acc_std", "test_acc_min", "test_acc_max",
+              "final_train_loss", "train_time_s", "examples_per_sec"]
+
+
+def _csv_row(r: VariantRow) -> dict[str, Any]:
+    return {"variant": r.name, "description": r.description, "model": r.model, "dataset": r.dataset,
+            "epochs": r.epochs, "lr": r.lr, "parameters": r.parameters, "macs_per_image": r.macs,
+            "seeds": r.seeds, "diverged": r.diverged, "test_acc_mean": r.acc_mean, "test_acc_std": r.acc_std,
+            "test_acc_min": r.acc_min, "test_acc_max": r.acc_max, "final_train_loss": r.train_loss,
+            "train_time_s": r.train_time_s, "examples_per_sec": r.examples_per_sec}
+
+
+def format_markdown(spec: Spec, rows: list[VariantRow], pending: int = 0) -> str:
+    def f(x: float | None, fmt: str) -> str:
+        return "—" if x is None else format(x, fmt)
+
+    lines = [f"# {spec.title or 'Comparison'}", "",
+             f"Spec: `{spec.path}`. Test accuracy after the last epoch: mean ± standard deviation over "
+             "seeds, and its range (min–max); train loss: the last epoch's average, mean over seeds; "
+             "train time: seconds of training per run (evaluation excluded), mean over seeds.", "",
+             "| variant | what changes | data | epochs | lr | params | MACs/image | test acc | spread (min–max) "
+             "| train loss | train time (s) | examples/s |",
+             "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+    for r in rows:
+        if r.acc_mean is None:
+            acc, spread = f"diverged ({r.diverged}/{r.seeds} seeds)", "—"
+        else:
+            ok = r.seeds - r.diverged
+            acc = f"{r.acc_mean:.3f} ± {r.acc_std:.3f}" if ok > 1 else f"{r.acc_mean:.3f} (1 seed)"
+            spread = f"{r.acc_min:.3f}–{r.acc_max:.3f}" if ok > 1 else "—"
+            if r.diverged:
+                acc += f" ({r.diverged}/{r.seeds} seeds diverged)"
+        lines.append(f"| {r.name} | {r.description} | {r.dataset} | {r.epochs} | {r.lr:g} | {r.parameters:,} "
+                     f"| {r.macs:,} | {acc} | {spread} | {f(r.train_loss, '.3f')} | {r.train_time_s:.1f} "
+                     f"| {f(r.examples_per_sec, ',.0f')} |")
+    if pending:
+        lines += ["", f"**Incomplete: {pending} run(s) still to train**; repeat the command to finish."]
+    return "\n".join(lines) + "\n"
+
+
+def mean_curves(spec: Spec, outcomes: dict[str, list[RunOutcome]]) -> dict[str, tuple[list[int], list[float]]]:
+    """Per variant: epochs and the test accuracy at each, averaged over the seeds that finished."""
+    curves = {}
+    for v in spec.variants:
+        ok = [o for o in outcomes.get(v.name, []) if o.status == "done"]
+        if not ok:
+            continue
+        n = min(len(o.epochs) for o in ok)
+        xs = [int(ok[0].epochs[i]["epoch"]) for i in range(n)]
+        ys = [statistics.fmean(o.epochs[i]["test_acc"] for o in ok) for i in range(n)]
+        curves[v.name] = (xs, ys)
+    return curves
+
+
+def write_results(spec: Spec, rows: list[VariantRow], outcomes: dict[str, list[RunOutcome]], out: Path,
+                  pending: int = 0) -> None:
+    from . import runs
+    from .plots import plot_comparison
+
+    runs.write_csv(out / "results.csv", CSV_FIELDS, [_csv_row(r) for r in rows])
+    runs.atomic_write_bytes(out / "results.md", format_markdown(spec, rows, pending).encode())
+    datasets = {v.name: v.dataset for v in spec.variants}
+    plot_comparison(mean_curves(spec, outcomes), out / "test_acc.png", datasets=datasets,
+                    title=spec.title or f"{spec.path.name}: test accuracy (mean over seeds)")
