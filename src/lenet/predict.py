@@ -175,6 +175,7 @@ def preprocess(img, mode: str = "digits") -> Prepared:
     if ink - background < 0.1:  # nothing stands out from the background
         return Prepared(np.zeros((SIZE, SIZE), np.uint8), mode, inverted, blank=True)
     level = np.clip((grey - background) / (ink - background), 0.0, 1.0)
+    level[level < 0.05] = 0.0  # what is left of the paper's noise
     rows = np.flatnonzero((level >= 0.3).any(axis=1))
     cols = np.flatnonzero((level >= 0.3).any(axis=0))
     level = level[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
