@@ -109,7 +109,9 @@ def to_grey(img) -> np.ndarray:
         rgba = img.convert("RGBA")
         paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         img = Image.alpha_composite(paper, rgba)
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+    if img.mode.startswith("I;16"):  # 16-bit grey: scale by the type's range
+        return (np.asarray(img, dtype=np.float64) / 65535.0).astype(np.float32)
+    if img.mode in ("I", "F"):  # 32-bit: no fixed range, stretch to [0, 1]
         arr = np.asarray(img, dtype=np.float64)
         lo, hi = float(arr.min()), float(arr.max())
         return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)

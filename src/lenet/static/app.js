@@ -11,7 +11,12 @@
   const upload = document.getElementById("upload");
   let info = null;
   let drawing = false, dirty = false, busy = false, again = false, last = null;
-  let seq = 0;
+  let seq = 0, pending = 0;  // pending: requests asked for and not yet shown (tests wait for 0)
+
+  function setPending(delta) {
+    pending += delta;
+    document.body.dataset.pending = String(pending);
+  }
 
   function status(text, isError) {
     statusLine.textContent = text;
@@ -64,6 +69,7 @@
   pad.addEventListener("pointercancel", endStroke);
 
   document.getElementById("clear").addEventListener("click", () => {
+    seq++;  // an answer still on its way is for the old picture: drop it
     clearPad();
     list.replaceChildren();
     maps.replaceChildren();
@@ -78,6 +84,7 @@
     if (!file) return;
     upload.value = "";
     status("Classifying " + file.name + "…");
+    setPending(1);
     showUpload(file);
     send(file, file.name);
   });
@@ -99,7 +106,12 @@
 
   function sendCanvas() {
     if (!dirty) return;
-    if (busy) { again = true; return; }
+    if (busy) {
+      if (!again) { again = true; setPending(1); }
+      return;
+    }
+    busy = true;
+    setPending(1);
     pad.toBlob((blob) => send(blob, "your drawing"), "image/png");
   }
 
@@ -125,7 +137,8 @@
       status("cannot reach the server: " + err.message, true);
     } finally {
       busy = false;
-      if (again) { again = false; sendCanvas(); }
+      if (again) { again = false; setPending(-1); sendCanvas(); }
+      setPending(-1);
     }
   }
 
@@ -205,6 +218,7 @@
   }
 
   clearPad();
+  setPending(0);
   fetch("/api/info").then((r) => r.json()).then((data) => {
     info = data;
     document.getElementById("model-info").textContent =
