@@ -32,7 +32,7 @@ def run_dir(tmp_path_factory, mnist):
 def server(run_dir):
     from lenet.serve import make_server, running
 
-    srv = make_server(run_dir, "127.0.0.1", 0, max_upload=300_000, threads=None)
+    srv = make_server(run_dir, "127.0.0.1", 0, max_upload=1_500_000, threads=None)
     with running(srv):
         yield srv
 
@@ -94,7 +94,7 @@ def test_api_accuracy_equals_the_evaluation_on_300_test_images(server, run_dir, 
     api_acc = float(np.mean(np.array(predicted) == labels.numpy()))
     print(f"API accuracy {api_acc:.4f}, evaluation accuracy {report.accuracy:.4f} on {n} MNIST test images")
     assert predicted == report.scores.argmax(dim=1).tolist()
-    assert api_acc == pytest.approx(report.accuracy, abs=1e-9)
+    assert api_acc == pytest.approx(report.accuracy, abs=1e-6)  # evaluate() averages in float32
 
 
 def test_predict_answer_has_top_k_input_and_activation_maps(server, tmp_path):
@@ -114,12 +114,12 @@ def test_predict_answer_has_top_k_input_and_activation_maps(server, tmp_path):
 
 
 def test_bad_uploads_get_a_clear_4xx_and_the_server_keeps_running(server, tmp_path):
-    good = png_bytes(np.zeros((28, 28), np.uint8))
+    good = png_bytes(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8))
     cases = [
         (b"%PDF-1.4 not an image", "", "application/pdf", 415, "not an image"),
-        (good[:60], "", "image/png", 400, "corrupt or truncated"),
+        (good[:len(good) // 2], "", "image/png", 400, "corrupt or truncated"),
         (b"", "", "image/png", 400, "empty body"),
-        (b"\x89PNG" + b"\0" * 400_000, "", "image/png", 413, "larger than the 300,000 allowed"),
+        (b"\x89PNG" + b"\0" * 1_600_000, "", "image/png", 413, "larger than the 1,500,000 allowed"),
         (good, "", "multipart/form-data; boundary=x", 415, "raw image bytes"),
         (good, "?top_k=zero", "image/png", 400, "top_k"),
         (good, "?preprocess=maybe", "image/png", 400, "preprocess"),

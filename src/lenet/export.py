@@ -62,9 +62,9 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, opset: in
     from .runs import atomic_write_bytes, load_run
 
     out = Path(out)
+    run = load_run(run_dir, "cpu")
     if not out.parent.is_dir():
         raise LenetError(f"--out {out}: folder {out.parent} does not exist")
-    run = load_run(run_dir, "cpu")
     model = run.model.eval()
     example = torch.rand(2, 1, 28, 28)  # batch 2 so the exporter does not specialise N to 1
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
