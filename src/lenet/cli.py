@@ -294,6 +294,8 @@ def cmd_serve(args) -> int:
                          threads=args.threads, log_requests=args.log_requests)
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: --host {host} makes the page reachable from other machines", file=sys.stderr)
     print(f"serving {server.app.predictor.model_name} ({server.app.predictor.dataset}) on "
           f"http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     try:
