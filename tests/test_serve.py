@@ -10,9 +10,8 @@ import re
 import socket
 import subprocess
 import sys
-import time
+import urllib.error
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -83,7 +83,8 @@ def decode_image(data: bytes, name: str = "<upload>"):
     except Image.DecompressionBombError:
         raise ImageTooLargeError(f"{name}: image is too large to decode safely") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise CorruptImageError(f"{name}: corrupt or truncated {img.format or ''} image ({exc})".replace("  ", " ")) from None
+        kind = f"{img.format} image" if img.format else "image"
+        raise CorruptImageError(f"{name}: corrupt or truncated {kind} ({exc})") from None
     return img
 
 

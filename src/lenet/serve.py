@@ -34,7 +34,6 @@ import threading
 import time
 import traceback
 from contextlib import contextmanager
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from typing import Any, Iterator
@@ -158,7 +157,7 @@ class Handler(BaseHTTPRequestHandler):
             action()
         except ApiError as exc:
             self._error(exc.status, str(exc), close=exc.close)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left or stalled
             self.close_connection = True
         except Exception:  # a bug: answer 500, keep serving, show the traceback on the console
             traceback.print_exc(file=sys.stderr)
@@ -222,8 +221,9 @@ class Handler(BaseHTTPRequestHandler):
     def _post(self) -> None:
         url = urlsplit(self.path)
         if url.path != "/api/predict":
-            raise ApiError(404 if url.path not in self.server.app.static and url.path != "/api/info" else 405,
-                           f"no POST endpoint at {url.path}; use POST /api/predict", close=True)
+            known = url.path in self.server.app.static or url.path == "/api/info"
+            raise ApiError(405 if known else 404, f"no POST endpoint at {url.path}; use POST /api/predict",
+                           close=True)
         ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         data = self._read_body()
         if ctype.startswith("multipart/"):
@@ -275,9 +275,11 @@ def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_uploa
         torch.set_num_threads(threads)
     predictor = predictor or Predictor.from_run(run_dir, device)
     app = App(predictor, max_upload=max_upload)
-    LenetServer.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = LenetServer
+    if ":" in host:  # an IPv6 address such as ::1
+        server_class = type("LenetServer6", (LenetServer,), {"address_family": socket.AF_INET6})
     try:
-        return LenetServer((host, port), app, log_requests=log_requests)
+        return server_class((host, port), app, log_requests=log_requests)
     except OSError as exc:
         if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
             raise LenetError(f"port {port} on {host} is already in use: choose another --port "
