@@ -359,12 +359,107 @@ def cmd_mistakes(args) -> int:
         print(f"#{m.index:<6} true {data.classes[m.true]:<12} predicted {data.classes[m.pred]:<12} "
               f"confidence {m.confidence:.3f}")
     print(f"{wrong:,} of {len(data.test):,} test images misclassified; figure saved to {out}")
+# lenet predict / export / serve
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="classify image files (PNG, JPEG, ...) with a trained run",
+                       description="Top-k classes with probabilities for each image. Images are made to "
+                                   "look like the dataset first (grey-scale, light-on-dark, cropped, "
+                                   "scaled and centred); every image is read before any is predicted, "
+                                   "so one bad file stops the command.")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("--top-k", type=_positive_int, default=3, metavar="K", help="classes to show (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.add_argument("--no-preprocess", action="store_true",
+                   help="feed each image as is (grey-scaled and resized to 28x28 only)")
+    p.add_argument("--show-preprocessed", metavar="OUT.png",
+                   help="save what the network saw: a 28x28 tile per image, side by side")
+    p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, mps")
+
+
+def cmd_predict(args) -> int:
+    import json
+
+    from .predict import Predictor, load_all, save_preprocessed
+    from .training import resolve_device
+
+    predictor = Predictor.from_run(args.run_dir, resolve_device(args.device))
+    images = load_all(args.images)  # fail fast: a bad file stops us before any prediction
+    prepared = [predictor.prepare(img, not args.no_preprocess) for img in images]
+    results = predictor.predict(prepared, args.top_k, sources=[str(p) for p in args.images])
+    if args.show_preprocessed:
+        save_preprocessed(prepared, args.show_preprocessed)
+    if args.json:
+        print(json.dumps({"run": str(args.run_dir), "model": predictor.model_name,
+                          "dataset": predictor.dataset, "predictions": [r.to_dict() for r in results]},
+                         indent=2))
+    else:
+        for r in results:
+            tops = ", ".join(f"{name} ({prob:.1%})" for name, _, prob in r.top)
+            note = "  [blank image: no content found]" if r.prepared and r.prepared.blank else ""
+            print(f"{r.source}: {tops}{note}")
+        if args.show_preprocessed:
+            print(f"network input saved to {args.show_preprocessed}")
+    return 0
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a trained run to ONNX (class names in its metadata)")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/model.onnx)")
+    p.add_argument("--opset", type=_positive_int, default=None, help="ONNX opset (default: the exporter's)")
+
+
+def cmd_export(args) -> int:
+    from .export import export_onnx
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "model.onnx"
+    info = export_onnx(args.run_dir, out, opset=args.opset)
+    print(f"wrote {out} ({info['bytes']:,} bytes, opset {info['opset']}): input 'image' float32 "
+          f"(N, 1, 28, 28) in [0, 1], output 'scores' (N, {len(info['classes'])})")
+    return 0
+
+
+def add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="local web page: draw or upload an image and watch the network classify it")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-upload", type=_positive_int, default=4 * 1024 * 1024, metavar="BYTES",
+                   help="largest accepted upload in bytes (default 4 MiB)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch intra-op threads (default 1: requests are small, and run one at a time)")
+    p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
+
+
+def cmd_serve(args) -> int:
+    from .serve import make_server
+
+    if not 0 <= args.port <= 65535:
+        raise LenetError(f"--port {args.port}: must be between 0 and 65535")
+    server = make_server(args.run_dir, args.host, args.port, max_upload=args.max_upload,
+                         threads=args.threads, log_requests=args.log_requests)
+    host, port = server.server_address[:2]
+    shown = f"[{host}]" if ":" in host else host
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        print(f"warning: --host {host} makes the page reachable from other machines", file=sys.stderr)
+    print(f"serving {server.app.predictor.model_name} ({server.app.predictor.dataset}) on "
+          f"http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.server_close()
     return 0
 
 
 # --------------------------------------------------------------------------------------------
 
-COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "activations", "filters", "mistakes"]
+COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "activations", "filters", "mistakes", "predict", "export", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:
