@@ -90,4 +90,5 @@ def teardown() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
+        dist.barrier()  # no rank leaves while another still talks to it
         dist.destroy_process_group()
