@@ -96,6 +96,14 @@ def test_no_compiler_means_eager(monkeypatch):
     assert any("cannot compile" in n for n in notes)
 
 
+def test_compile_is_the_default_where_a_compiler_exists(monkeypatch):
+    monkeypatch.delenv("LENET_NO_COMPILE", raising=False)
+    cpu = torch.device("cpu")
+    assert engine.default_compile(cpu) == (engine.compiler_problem(cpu) is None)
+    monkeypatch.setenv("LENET_NO_COMPILE", "1")
+    assert engine.default_compile(cpu) is False
+
+
 def test_compile_cache_goes_to_lenet_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path))
