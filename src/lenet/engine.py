@@ -197,6 +197,9 @@ class TrainStep:
                     log(f"note: cannot compile ({problem}); training without torch.compile")
                 enabled = False
         self.compiling = enabled
+        if device.type == "cuda":  # fastest kernels for these fixed shapes; TF32 for the dense layers
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
         self.amp = options.amp if device.type == "cuda" else "off"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self._forward = _Compiled(self._forward_loss, enabled, options.compile_mode, "training step", log)

@@ -54,7 +54,7 @@ class TrainConfig:
     schedule: str = "constant"
     seed: int = 0
     device: str = "auto"
-    eval_batch_size: int = 2048
+    eval_batch_size: int = 512  # small batches stay in the CPU caches: ~3x faster than 2048 here
     curve_points: int = 5  # points per epoch in the training curves, as the book's animator draws
     compile: bool | None = None  # torch.compile the step: None = where a compiler is available
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
