@@ -38,6 +38,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.mktemp("cache")
     monkeypatch.setenv("LENET_CACHE_DIR", str(cache))
     monkeypatch.setenv("LENET_NO_DOWNLOAD", "1")
+    monkeypatch.setenv("LENET_NO_COMPILE", "1")  # compiling costs seconds per test; tests that want it ask
     if DATA_ROOT is not None:
         monkeypatch.setenv("LENET_DATA_ROOT", str(DATA_ROOT))
     yield

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli
 from trained import mnist_run
 
 ort = pytest.importorskip("onnxruntime")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, run_cli
 from lenet.predict import SIZE, load_image, preprocess
 from trained import mnist_run, render_set, save_mnist_pngs
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 import browser
-from conftest import REPO, assert_user_error, run_cli
+from .conftest import REPO, assert_user_error, run_cli
 from trained import mnist_run, render_set
 
 

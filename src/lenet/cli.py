@@ -57,6 +57,16 @@ def _add_data_flags(p: argparse.ArgumentParser) -> None:
                         "then /usr/share/datasets)")
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (default: yes where a C++ compiler or, on CUDA, "
+                        "triton is available; falls back to eager mode if compiling fails)")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs on a GPU")
+    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                   help="mixed precision on CUDA (ignored on CPU; default off)")
+
+
 # --------------------------------------------------------------------------------------------
 # lenet train
 
@@ -92,14 +102,18 @@ def add_train(sub) -> None:
                    help="continue an interrupted run from its last checkpoint, with its saved settings "
                         "(only --data-root, --device and --no-progress apply)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
+    _add_engine_flags(p)
 
 
 def cmd_train(args) -> int:
+    from .distributed import world
     from .errors import ConfigError
     from .runs import default_run_dir
     from .training import TrainConfig, resume, train
 
-    progress = not args.no_progress and sys.stderr.isatty()
+    if not world().is_main:  # under torchrun, rank 0 alone talks
+        sys.stdout = open(os.devnull, "w")
+    progress = not args.no_progress and sys.stderr.isatty() and world().is_main
     if args.resume:
         result = resume(args.resume, data_root=args.data_root, device=None if args.device == "auto" else args.device,
                         progress=progress, log=lambda s: print(s, flush=True))
@@ -116,7 +130,8 @@ def cmd_train(args) -> int:
     given = {k: getattr(args, k) for k in recipe_flags if getattr(args, k) is not None}
     cfg = TrainConfig.for_model(args.model, overrides=overrides, dataset=args.dataset,
                                 data_root=args.data_root, momentum=args.momentum, seed=args.seed,
-                                device=args.device, **given)
+                                device=args.device, compile=args.compile,
+                                compile_mode=args.compile_mode, amp=args.amp, **given)
     out = Path(args.out) if args.out else default_run_dir(args.model, args.dataset)
     result = train(cfg, out=out, overwrite=args.overwrite, progress=progress,
                    log=lambda s: print(s, flush=True))
@@ -454,12 +469,77 @@ def cmd_serve(args) -> int:
         print("stopped", flush=True)
     finally:
         server.server_close()
+# lenet bench
+
+
+def add_bench(sub) -> None:
+    from .data import DATASETS
+
+    p = sub.add_parser("bench", help="benchmark: the textbook training loop vs lenet's engine, side by side",
+                       description="Train with a plain textbook loop (DataLoader, eager, a host sync per "
+                                   "batch) and with lenet's engine, alternating, on the same recipe; print "
+                                   "training examples/sec, evaluation images/sec, peak memory and the "
+                                   "accuracies each reached.")
+    p.add_argument("--model", default="classic", help="model preset, a comma-separated list, or 'all'")
+    p.add_argument("--set", dest="overrides", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
+    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
+    _add_data_flags(p)
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--lr", type=_positive_float, default=0.9)
+    p.add_argument("--seeds", type=_positive_int, default=1, help="runs per arm, seeds 0..N-1 (default 1)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--arms", default="plain,engine", help="which loops to run (default plain,engine)")
+    p.add_argument("--quick", action="store_true",
+                   help="a few steps on synthetic data: checks that everything runs, measures nothing useful")
+    p.add_argument("--json", metavar="FILE", help="also write all measurements as JSON")
+    _add_engine_flags(p)
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    import torch
+
+    from .bench import ARMS, BenchSpec, HEADER, compare, format_summary
+    from .errors import ConfigError
+    from .models import MODELS, resolve_config
+    from .training import TrainConfig, resolve_device
+
+    arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
+    if not arms or any(a not in ARMS for a in arms):
+        raise ConfigError(f"--arms {args.arms!r}: choose from {', '.join(ARMS)} (comma-separated)")
+    models = list(MODELS) if args.model == "all" else [m.strip() for m in args.model.split(",") if m.strip()]
+    for name in models:
+        resolve_config(name, dict(args.overrides))  # an unknown preset or setting is a user error
+    TrainConfig(compile=args.compile, compile_mode=args.compile_mode, amp=args.amp).validate()
+    device = resolve_device(args.device)
+    epochs = min(args.epochs, 1) if args.quick else args.epochs
+    results = []
+    for name in models:
+        spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, epochs=epochs,
+                         batch_size=args.batch_size, lr=args.lr, device=args.device, quick=args.quick,
+                         compile=args.compile, amp=args.amp, overrides=dict(args.overrides))
+        data = "synthetic data (--quick)" if args.quick else args.dataset
+        print(f"{name}, batch {args.batch_size}, SGD lr {args.lr:g}, {epochs} epoch(s), "
+              f"{args.seeds} seed(s), {data}, {device} ({torch.get_num_threads()} threads), "
+              f"torch {torch.__version__}", flush=True)
+        print(HEADER, flush=True)
+        result = compare(spec, list(range(args.seeds)), arms, log=lambda s: print(s, flush=True))
+        print(format_summary(result), flush=True)
+        for note in sorted({n for r in result["runs"] for n in r.get("notes", [])}):
+            print(note)
+        print()
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        print(f"measurements written to {args.json}")
     return 0
 
 
 # --------------------------------------------------------------------------------------------
 
-COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "activations", "filters", "mistakes", "predict", "export", "serve"]
+COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "activations", "filters", "mistakes", "predict", "export", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

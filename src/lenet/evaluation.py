@@ -11,7 +11,7 @@ from .data import to_float
 
 
 @torch.inference_mode()
-def predict_scores(model: nn.Module, images: torch.Tensor, *, batch_size: int = 2048,
+def predict_scores(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Class scores (N, classes) for uint8 images (N, H, W), computed in eval mode in batches."""
     was_training = model.training
@@ -30,7 +30,7 @@ def predict_scores(model: nn.Module, images: torch.Tensor, *, batch_size: int = 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
-             batch_size: int = 2048, device: torch.device | str = "cpu") -> float:
+             batch_size: int = 512, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy on uint8 images; one host sync at the end."""
     was_training = model.training
     model.eval()
@@ -73,7 +73,7 @@ class EvalReport:
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
-             *, batch_size: int = 2048, device: torch.device | str = "cpu") -> EvalReport:
+             *, batch_size: int = 512, device: torch.device | str = "cpu") -> EvalReport:
     scores = predict_scores(model, images, batch_size=batch_size, device=device).cpu()
     preds = scores.argmax(dim=1)
     cm = confusion_matrix(preds, labels, len(classes))

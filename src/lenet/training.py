@@ -28,10 +28,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from . import __version__
+from . import __version__, distributed
 from .data import Dataset, load_dataset, to_float
 from .errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
-from .evaluation import accuracy
 from .models import config_to_dict, get_entry, param_count, resolve_config
 
 OPTIMIZERS = ("sgd", "momentum", "adam", "adamw", "sdlm")
@@ -59,8 +58,11 @@ class TrainConfig:
     schedule: str = "constant"
     seed: int = 0
     device: str = "auto"
-    eval_batch_size: int = 2048
+    eval_batch_size: int = 512  # small batches stay in the CPU caches: ~3x faster than 2048 here
     curve_points: int = 5  # points per epoch in the training curves, as the book's animator draws
+    compile: bool | None = None  # torch.compile the step: None = where a compiler is available
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
+    amp: str = "off"  # mixed precision on CUDA: off | bf16 | fp16
 
     @classmethod
     def for_model(cls, model: str = "classic", **fields: Any) -> "TrainConfig":
@@ -87,6 +89,9 @@ class TrainConfig:
             raise ConfigError(f"--weight-decay {self.weight_decay}: must be >= 0")
         if self.eval_batch_size < 1 or self.curve_points < 1:
             raise ConfigError("eval_batch_size and curve_points must be at least 1")
+        from .engine import EngineOptions
+
+        EngineOptions(self.compile, self.compile_mode, self.amp)  # checks the names
         resolve_device(self.device)
 
 
@@ -230,6 +235,8 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
     cfg = cfg or TrainConfig()
     cfg.validate()
     resolve_config(cfg.model, cfg.overrides)  # refuse a bad model config before touching the disk
+    if not distributed.world().is_main:  # under torchrun, rank 0 alone writes the run folder
+        out = None
     run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
     return _fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, model=model)
 
@@ -286,8 +293,17 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
          state: dict[str, Any] | None = None) -> TrainResult:
     from . import runs
 
-    log = log or (lambda s: None)
+    from .engine import EngineOptions, Evaluator, TrainStep, configure_threads
+
+    world = distributed.world()
+    log = log if (log and world.is_main) else (lambda s: None)
+    if not world.is_main:
+        run_dir = None
     device = resolve_device(cfg.device)
+    joined = False
+    if world.active:
+        device, joined = distributed.setup(world, device)
+    configure_threads(world.local_size)
     entry = get_entry(cfg.model)
     model_cfg = resolve_config(cfg.model, cfg.overrides)
     if data is None:
@@ -331,6 +347,21 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
 
     train_x, train_y = data.train.images.to(device), data.train.labels.to(device)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
+    if world.active:  # each rank evaluates its share of the test set; the counts are summed
+        test_x, test_y = test_x[world.rank::world.size], test_y[world.rank::world.size]
+    options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp)
+    step = TrainStep(distributed.wrap(model, device, world), criterion, optimizer, scheduler, device,
+                     options, log=log)
+    evaluator = Evaluator(model, device, options, batch_size=cfg.eval_batch_size, log=log)
+
+    def totals(loss_sum: torch.Tensor, correct: torch.Tensor, count: int) -> tuple[float, int, int]:
+        """(summed loss, correct, examples) over all ranks: one host sync."""
+        if not world.active:
+            return loss_sum.item(), correct.item(), count
+        t = distributed.all_sum(torch.stack([loss_sum.double(), correct.double(),
+                                             torch.tensor(float(count), device=device, dtype=torch.float64)]),
+                                world).tolist()
+        return t[0], int(t[1]), int(t[2])
     marks = sorted({min(steps, max(1, round(steps * k / cfg.curve_points))) for k in range(1, cfg.curve_points + 1)})
     check_every = 1 if device.type == "cpu" else 20  # host syncs: free on CPU, costly on GPU
 
@@ -341,6 +372,8 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
             "parameters": param_count(model), "device": str(device), "lenet_version": __version__,
             "torch_version": torch.__version__, "python": platform.python_version(),
         }
+        if world.active:
+            config_json["world_size"] = world.size
         runs.write_json(run_dir / runs.CONFIG, config_json)
 
     def diverged(value: float, where: str) -> TrainingDiverged:
@@ -363,34 +396,34 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
             if prepare is not None:  # e.g. SDLM: re-estimate the curvature on 500 patterns per pass
                 prepare(model, to_float(train_x[perm[:500]]))
             for i in range(steps):
-                idx = perm[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                x, y = to_float(train_x[idx]), train_y[idx]
-                scores = model(x)
-                loss = criterion(scores, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                with torch.no_grad():
-                    loss_sum += loss.detach() * y.shape[0]
-                    correct += (scores.argmax(dim=1) == y).sum()
+                idx = distributed.shard(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], world)
+                y = train_y[idx]
+                loss, batch_correct = step(train_x[idx], y)
+                loss_sum += loss * y.shape[0]
+                correct += batch_correct
                 count += y.shape[0]
                 if (i + 1) % check_every == 0 and not torch.isfinite(loss).item():
                     raise diverged(loss.item(), f"at epoch {epoch}, step {i + 1}")
                 if (i + 1) in marks:
                     elapsed = train_time + time.perf_counter() - t_epoch
-                    tl, ta = loss_sum.item() / count, correct.item() / count
+                    s_loss, s_correct, s_count = totals(loss_sum, correct, count)
+                    tl, ta = s_loss / s_count, s_correct / s_count
+                    all_seen = seen + s_count
                     if not math.isfinite(tl):
                         raise diverged(tl, f"in epoch {epoch} before step {i + 1}")
                     curve.append({"epoch": epoch - 1 + (i + 1) / steps, "train_loss": tl, "train_acc": ta,
                                   "test_acc": None})
-                    bar.update(i + 1 - last_mark, tl, ta, (seen + count) / max(elapsed, 1e-9))
+                    bar.update(i + 1 - last_mark, tl, ta, all_seen / max(elapsed, 1e-9))
                     last_mark = i + 1
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             epoch_time = time.perf_counter() - t_epoch
+            s_loss, s_correct, count = totals(loss_sum, correct, count)
             train_time += epoch_time
             seen += count
-            test_acc = accuracy(model, test_x, test_y, batch_size=cfg.eval_batch_size, device=device)
-            m = EpochMetrics(epoch, loss_sum.item() / count, correct.item() / count, test_acc,
+            test_correct = distributed.all_sum(evaluator.correct(test_x, test_y), world).item()
+            test_acc = test_correct / len(data.test)
+            m = EpochMetrics(epoch, s_loss / count, s_correct / count, test_acc,
                              epoch_time, count / epoch_time)
             history.append(m)
             curve.append({"epoch": float(epoch), "train_loss": None, "train_acc": None, "test_acc": test_acc})
@@ -415,6 +448,8 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
                           f"continue with `lenet train --resume {run_dir}`") from None
     finally:
         bar.close()
+        if joined:
+            distributed.teardown()
 
     result = TrainResult(cfg, model, history, curve, train_time, seen, device, run_dir)
     if run_dir is not None:

@@ -1,0 +1,292 @@
+"""``lenet bench``: the textbook training loop and lenet's engine, side by side, in one run.
+
+Two "arms" train the same model with the same recipe from the same initial weights:
+
+* ``plain``: the loop as a textbook writes it (d2l ``train_ch6``), written here and not using
+  anything of lenet's engine: a ``DataLoader`` over a ``TensorDataset`` of float images, an
+  eager model, and per-batch host syncs for the metrics (the book's ``Accumulator`` of
+  ``loss * n``, ``accuracy`` and ``n`` as Python floats); its evaluation loops over a test
+  ``DataLoader`` the same way.
+* ``engine``: :func:`lenet.training.train`, exactly what ``lenet train`` runs, and its evaluator.
+
+Each (arm, seed) runs in a fresh Python process, so the peak memory of each is its own and
+nothing one arm compiled or cached in memory helps the other; the arms alternate (ABBA over
+seeds) so a change in machine load hits both. Training examples/sec count only the training
+loops (the first epoch, with any compilation, included); evaluation images/sec is the best of
+a few passes over the test set with the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+ARMS = ("plain", "engine")
+
+
+@dataclass
+class BenchSpec:
+    model: str = "classic"
+    dataset: str = "fashion-mnist"
+    data_root: str | None = None
+    epochs: int = 10
+    batch_size: int = 256
+    lr: float = 0.9
+    seed: int = 0
+    device: str = "auto"
+    eval_batch_size: int = 256  # the textbook evaluates with its training batch size
+    quick: bool = False  # synthetic data, a few steps: checks the machinery, not the speed
+    compile: bool | None = None
+    amp: str = "off"
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+def _data(spec: BenchSpec):
+    from .data import load_dataset, synthetic_dataset
+
+    if spec.quick:
+        return synthetic_dataset(n_train=4 * spec.batch_size + 17, n_test=512, seed=spec.seed)
+    return load_dataset(spec.dataset, spec.data_root, log=lambda s: None)
+
+
+def _peak_memory(device) -> dict[str, float]:
+    import resource
+
+    import torch
+
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_plain(spec: BenchSpec) -> dict[str, Any]:
+    """The textbook loop (d2l 7.6 ``train_ch6``), with the model built as ``lenet`` builds it."""
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from .data import to_float
+    from .engine import configure_threads
+    from .models import get_entry, resolve_config
+    from .training import resolve_device
+
+    configure_threads()
+    device = resolve_device(spec.device)
+    data = _data(spec)
+    torch.manual_seed(spec.seed)  # the same initial weights as the engine arm
+    net = get_entry(spec.model).build(resolve_config(spec.model, spec.overrides)).to(device)
+    loss = getattr(net, "criterion", None) or nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=spec.lr)
+    train_iter = DataLoader(TensorDataset(to_float(data.train.images), data.train.labels),
+                            batch_size=spec.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(spec.seed))
+    test_iter = DataLoader(TensorDataset(to_float(data.test.images), data.test.labels),
+                           batch_size=spec.eval_batch_size, shuffle=False)
+
+    def accuracy(y_hat, y):  # d2l.accuracy: a Python float per batch
+        return float((y_hat.argmax(axis=1).type(y.dtype) == y).type(y.dtype).sum())
+
+    def evaluate_accuracy(net):  # d2l.evaluate_accuracy_gpu
+        net.eval()
+        metric = [0.0, 0.0]
+        with torch.no_grad():
+            for X, y in test_iter:
+                X, y = X.to(device), y.to(device)
+                metric[0] += accuracy(net(X), y)
+                metric[1] += y.numel()
+        return metric[0] / metric[1]
+
+    train_time, seen, epochs = 0.0, 0, []
+    for _ in range(spec.epochs):
+        net.train()
+        metric = [0.0, 0.0, 0]  # sum of loss, correct, examples
+        _sync(device)
+        t0 = time.perf_counter()
+        for X, y in train_iter:
+            optimizer.zero_grad()
+            X, y = X.to(device), y.to(device)
+            y_hat = net(X)
+            l = loss(y_hat, y)
+            l.backward()
+            optimizer.step()
+            with torch.no_grad():
+                metric[0] += float(l) * X.shape[0]
+                metric[1] += accuracy(y_hat, y)
+                metric[2] += X.shape[0]
+        _sync(device)
+        dt = time.perf_counter() - t0
+        train_time += dt
+        seen += metric[2]
+        epochs.append(dt)
+        test_acc = evaluate_accuracy(net)
+    rate = _best_rate(lambda: evaluate_accuracy(net), len(data.test), device)
+    return {"train_loss": metric[0] / metric[2], "train_acc": metric[1] / metric[2], "test_acc": test_acc,
+            "train_time_s": train_time, "examples": seen, "epoch_times_s": epochs,
+            "eval_images_per_sec": rate, "threads": torch.get_num_threads(), "device": str(device),
+            **_peak_memory(device)}
+
+
+def run_engine(spec: BenchSpec) -> dict[str, Any]:
+    """lenet's engine: :func:`lenet.training.train` (what ``lenet train`` runs) and its evaluator."""
+    import torch
+
+    from .engine import EngineOptions, Evaluator
+    from .training import TrainConfig, train
+
+    data = _data(spec)
+    cfg = TrainConfig(model=spec.model, overrides=dict(spec.overrides), dataset=data.name,
+                      epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
+                      device=spec.device, compile=spec.compile, amp=spec.amp)
+    notes: list[str] = []
+    result = train(cfg, data=data, log=notes.append)
+    f = result.final
+    device = result.device
+    evaluator = Evaluator(result.model, device, EngineOptions(compile=spec.compile, amp=spec.amp),
+                          batch_size=cfg.eval_batch_size)
+    test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
+    rate = _best_rate(lambda: evaluator.correct(test_x, test_y).item(), len(data.test), device)
+    return {"train_loss": f.train_loss, "train_acc": f.train_acc, "test_acc": f.test_acc,
+            "train_time_s": result.train_time_s, "examples": result.examples_seen,
+            "epoch_times_s": [h.epoch_time_s for h in result.history], "eval_images_per_sec": rate,
+            "threads": torch.get_num_threads(), "device": str(device),
+            "notes": [n for n in notes if n.startswith("note")], **_peak_memory(device)}
+
+
+def _best_rate(fn: Callable[[], Any], n: int, device, repeats: int = 3) -> float:
+    fn()  # warm-up (and compilation)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return n / max(best, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------
+# The parent: runs the arms as child processes and prints the comparison
+
+
+def _child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
+def run_arm(arm: str, spec: BenchSpec) -> dict[str, Any]:
+    """Run one arm in a fresh Python process and return its measurements."""
+    from .errors import LenetError
+
+    payload = json.dumps({"arm": arm, "spec": spec.__dict__})
+    proc = subprocess.run([sys.executable, "-m", "lenet.bench", payload], capture_output=True, text=True,
+                          env=_child_env())
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+        raise LenetError(f"bench: the {arm} arm (seed {spec.seed}) failed: {err[-1] if err else 'no output'}")
+    out = json.loads(lines[-1])
+    if "error" in out:
+        raise LenetError(out["error"])
+    return out
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return statistics.fmean(r[key] for r in rows)
+
+
+def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = ARMS,
+            log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run every arm for every seed (alternating) and return per-run rows and per-arm summaries."""
+    rows: list[dict[str, Any]] = []
+    for k, seed in enumerate(seeds):
+        order = arms if k % 2 == 0 else tuple(reversed(arms))
+        for arm in order:
+            s = BenchSpec(**{**spec.__dict__, "seed": seed})
+            r = run_arm(arm, s)
+            r.update(arm=arm, seed=seed)
+            rows.append(r)
+            log(_row_line(r))
+    summary = {}
+    for arm in arms:
+        mine = [r for r in rows if r["arm"] == arm]
+        summary[arm] = {
+            "train_examples_per_sec": sum(r["examples"] for r in mine) / sum(r["train_time_s"] for r in mine),
+            "eval_images_per_sec": _mean(mine, "eval_images_per_sec"),
+            "train_loss": _mean(mine, "train_loss"), "train_acc": _mean(mine, "train_acc"),
+            "test_acc": _mean(mine, "test_acc"), "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
+        }
+        if any("cuda_max_allocated_mb" in r for r in mine):
+            summary[arm]["cuda_max_allocated_mb"] = max(r.get("cuda_max_allocated_mb", 0) for r in mine)
+    out: dict[str, Any] = {"spec": spec.__dict__, "seeds": seeds, "runs": rows, "summary": summary}
+    if "plain" in summary and "engine" in summary:
+        p, e = summary["plain"], summary["engine"]
+        out["ratios"] = {"train": e["train_examples_per_sec"] / p["train_examples_per_sec"],
+                         "eval": e["eval_images_per_sec"] / p["eval_images_per_sec"]}
+        out["same_learning"] = {"train_loss_ok": e["train_loss"] <= p["train_loss"] + 0.02,
+                                "test_acc_ok": e["test_acc"] >= p["test_acc"] - 0.01}
+    return out
+
+
+HEADER = (f"{'arm':<7} {'seed':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
+          f"{'train acc':>9} {'test acc':>8} {'peak RSS MB':>11}")
+
+
+def _row_line(r: dict[str, Any]) -> str:
+    rate = r["examples"] / max(r["train_time_s"], 1e-9)
+    mem = f"{r['peak_rss_mb']:>11,.0f}"
+    if "cuda_max_allocated_mb" in r:
+        mem += f"  (CUDA {r['cuda_max_allocated_mb']:,.0f} MB)"
+    return (f"{r['arm']:<7} {r['seed']:>4} {rate:>11,.0f} {r['eval_images_per_sec']:>11,.0f} "
+            f"{r['train_loss']:>10.4f} {r['train_acc']:>9.4f} {r['test_acc']:>8.4f} {mem}")
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = ["", f"{'mean':<7} {'':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
+                 f"{'train acc':>9} {'test acc':>8} {'peak RSS MB':>11}"]
+    for arm, s in result["summary"].items():
+        lines.append(f"{arm:<7} {'':>4} {s['train_examples_per_sec']:>11,.0f} {s['eval_images_per_sec']:>11,.0f} "
+                     f"{s['train_loss']:>10.4f} {s['train_acc']:>9.4f} {s['test_acc']:>8.4f} "
+                     f"{s['peak_rss_mb']:>11,.0f}")
+    if "ratios" in result:
+        r, ok = result["ratios"], result["same_learning"]
+        p, e = result["summary"]["plain"], result["summary"]["engine"]
+        lines += ["",
+                  f"engine / plain: training {r['train']:.2f}x, evaluation {r['eval']:.2f}x",
+                  f"same learning: train loss {e['train_loss']:.4f} vs plain {p['train_loss']:.4f} "
+                  f"(allowed <= +0.02: {'yes' if ok['train_loss_ok'] else 'NO'}), test acc "
+                  f"{e['test_acc']:.4f} vs plain {p['test_acc']:.4f} "
+                  f"(allowed >= -0.01: {'yes' if ok['test_acc_ok'] else 'NO'})"]
+    return "\n".join(lines)
+
+
+def _child(payload: str) -> int:
+    from .errors import LenetError
+
+    msg = json.loads(payload)
+    spec = BenchSpec(**msg["spec"])
+    try:
+        out = run_plain(spec) if msg["arm"] == "plain" else run_engine(spec)
+    except LenetError as exc:
+        out = {"error": str(exc)}
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1]))

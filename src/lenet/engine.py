@@ -1,0 +1,308 @@
+"""The fast path of training and evaluation: one optimisation step and one evaluation pass.
+
+:func:`lenet.training.train` owns the epochs (shuffling, metrics, checkpoints); this module owns
+what happens to one batch, which is where the time goes:
+
+* batches are uint8 slices of the resident dataset; the uint8 -> float scaling happens inside the
+  (compiled) step, so no float copy of the dataset or of a batch is made ahead of time;
+* loss and correct-prediction counts stay on the device (the caller sums them; no host sync);
+* ``torch.compile`` (inductor) fuses the elementwise work around the convolutions (scaling,
+  sigmoid, average pooling, cross-entropy, argmax) in the forward and backward passes. Only the
+  full batch shape is compiled; the odd last batch of an epoch runs eagerly, so an epoch costs one
+  compilation, not two. Compiled kernels are cached under lenet's cache folder. Without a C++
+  compiler (CPU) or when compilation fails, the step falls back to eager mode with one log line;
+* on a GPU: optional autocast (bf16/fp16, fp16 with a gradient scaler) and CUDA graphs via
+  ``torch.compile(mode="reduce-overhead")`` or ``"max-autotune"``;
+* :func:`configure_threads` uses one thread per physical core (per process, under torchrun).
+
+Every model works: any ``nn.Module`` taking float (N, 1, H, W) images, trained with its own
+``criterion(scores, labels)`` if it has one, else cross-entropy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+AMP_DTYPES = ("off", "bf16", "fp16")
+
+
+def _to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1] (the same as :func:`lenet.data.to_float`)."""
+    return images.unsqueeze(1).to(torch.float32) / 255.0
+
+
+# --------------------------------------------------------------------------------------------
+# Threads and compiler
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyper-threads counted once)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in cpus:
+        try:
+            with open(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list") as fh:
+                cores.add(fh.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def configure_threads(local_world_size: int = 1) -> int:
+    """One intra-op thread per physical core, shared out between the processes of this machine.
+
+    An explicit ``OMP_NUM_THREADS`` wins. Returns the thread count in use.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    threads = max(1, physical_cores() // max(1, local_world_size))
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return threads
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """Why ``torch.compile`` cannot work here (None if it should)."""
+    if not hasattr(torch, "compile"):
+        return "this PyTorch has no torch.compile"
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX") or "g++"
+        if not any(shutil.which(c) for c in (cxx, "g++", "c++", "clang++")):
+            return "no C++ compiler (g++/clang++) was found for inductor's CPU code"
+    elif device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "triton is not installed"
+    else:
+        return f"compiling for {device.type} is not supported"
+    return None
+
+
+def use_compile_cache() -> None:
+    """Keep inductor's compiled kernels in lenet's cache folder (unless the user chose one)."""
+    if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        from .data import cache_dir
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+
+
+def default_compile(device: torch.device) -> bool:
+    """Compile by default where it pays: CPU (with a compiler) and CUDA (with triton)."""
+    if os.environ.get("LENET_NO_COMPILE"):
+        return False
+    return compiler_problem(device) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Options
+
+
+class EngineOptions:
+    """How the step runs. ``compile``: None = automatic (see :func:`default_compile`)."""
+
+    def __init__(self, compile: bool | None = None, compile_mode: str = "default", amp: str = "off"):
+        if compile_mode not in COMPILE_MODES:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--compile-mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+        if amp not in AMP_DTYPES:
+            from .errors import ConfigError
+
+            raise ConfigError(f"--amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
+        self.compile = compile
+        self.compile_mode = compile_mode
+        self.amp = amp
+
+
+def _autocast(device: torch.device, amp: str):
+    if amp == "off":
+        return None
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class _Compiled:
+    """A function compiled for one input shape, eager for other shapes, eager for good on failure."""
+
+    def __init__(self, fn: Callable, enabled: bool, mode: str, what: str, log: Callable[[str], None]):
+        self.fn = fn
+        self.what = what
+        self.log = log
+        self.shape: tuple[int, ...] | None = None
+        self.compiled: Callable | None = None
+        self.mode = mode
+        self.enabled = enabled
+        self.failed = False
+
+    def pick(self, x: torch.Tensor) -> tuple[Callable, bool]:
+        """(function to call for ``x``, whether it is the compiled one)."""
+        if not self.enabled or self.failed:
+            return self.fn, False
+        if self.compiled is None:
+            use_compile_cache()
+            kwargs: dict[str, Any] = {"dynamic": False}
+            if self.mode != "default":
+                kwargs["mode"] = self.mode
+            try:
+                self.compiled = torch.compile(self.fn, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - any failure means: run eagerly
+                self.fail(exc)
+                return self.fn, False
+            self.shape = tuple(x.shape)
+        if tuple(x.shape) != self.shape:
+            return self.fn, False
+        return self.compiled, True
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = True
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        self.log(f"note: torch.compile of the {self.what} failed ({type(exc).__name__}: {first}); "
+                 f"continuing without compiling (--no-compile skips the attempt)")
+
+
+# --------------------------------------------------------------------------------------------
+# Training step
+
+
+class TrainStep:
+    """``step(x_uint8, y) -> (loss, correct)``: forward, loss, backward, optimizer and LR-schedule step.
+
+    ``loss`` (mean over the batch, detached) and ``correct`` (int64 count) are device tensors; nothing
+    is read back to the host. ``model`` may be wrapped (e.g. DistributedDataParallel); ``criterion``
+    is the loss function.
+    """
+
+    def __init__(self, model: nn.Module, criterion: Callable, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, device: torch.device, options: EngineOptions | None = None,
+                 log: Callable[[str], None] | None = None):
+        options = options or EngineOptions()
+        self.model, self.criterion = model, criterion
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.device = device
+        log = log or (lambda s: None)
+        enabled = options.compile if options.compile is not None else default_compile(device)
+        if enabled:
+            problem = compiler_problem(device)
+            if problem is not None:
+                if options.compile:  # asked for explicitly: say why it is not happening
+                    log(f"note: cannot compile ({problem}); training without torch.compile")
+                enabled = False
+        self.compiling = enabled
+        if device.type == "cuda":  # fastest kernels for these fixed shapes; TF32 for the dense layers
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
+        self.amp = options.amp if device.type == "cuda" else "off"
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
+        self._forward = _Compiled(self._forward_loss, enabled, options.compile_mode, "training step", log)
+        self._first = True
+
+    def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx = _autocast(self.device, self.amp)
+        if ctx is None:
+            scores = self.model(_to_float(x))
+        else:
+            with ctx:
+                scores = self.model(_to_float(x))
+            scores = scores.float()
+        loss = self.criterion(scores, y)
+        correct = (scores.detach().argmax(dim=1) == y).sum()
+        return loss, correct
+
+    def _run(self, fn: Callable, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, correct = fn(x, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), correct
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fn, compiled = self._forward.pick(x)
+        if not (compiled and self._first):
+            return self._run(fn, x, y)
+        # The first compiled step compiles forward and backward; if that fails, nothing has been
+        # updated yet (the optimizer steps after both), so the step is simply done again eagerly.
+        try:
+            loss, correct = fn(x, y)
+            self.optimizer.zero_grad(set_to_none=True)
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        except Exception as exc:  # noqa: BLE001
+            self.optimizer.zero_grad(set_to_none=True)
+            self._forward.fail(exc)
+            self.compiling = False
+            return self._run(self._forward_loss, x, y)
+        self._first = False
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        return loss.detach(), correct
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+
+
+class Evaluator:
+    """Counts correct top-1 predictions on uint8 images, in eval mode, in fixed-size batches."""
+
+    def __init__(self, model: nn.Module, device: torch.device, options: EngineOptions | None = None,
+                 batch_size: int = 1024, log: Callable[[str], None] | None = None):
+        options = options or EngineOptions()
+        self.model, self.device, self.batch_size = model, device, batch_size
+        enabled = options.compile if options.compile is not None else default_compile(device)
+        if enabled and compiler_problem(device) is not None:
+            enabled = False
+        self.amp = options.amp if device.type == "cuda" else "off"
+        mode = "default" if options.compile_mode == "reduce-overhead" else options.compile_mode
+        self._count = _Compiled(self._count_correct, enabled, mode, "evaluation", log or (lambda s: None))
+
+    def _count_correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ctx = _autocast(self.device, self.amp)
+        if ctx is None:
+            scores = self.model(_to_float(x))
+        else:
+            with ctx:
+                scores = self.model(_to_float(x))
+        return (scores.argmax(dim=1) == y).sum()
+
+    def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Number of correct predictions (an int64 device tensor; no host sync)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            total = torch.zeros((), dtype=torch.int64, device=self.device)
+            with torch.no_grad():
+                for start in range(0, images.shape[0], self.batch_size):
+                    x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+                    y = labels[start:start + self.batch_size].to(self.device, non_blocking=True)
+                    fn, compiled = self._count.pick(x)
+                    try:
+                        total += fn(x, y)
+                    except Exception as exc:  # noqa: BLE001
+                        if not compiled:
+                            raise
+                        self._count.fail(exc)
+                        total += self._count_correct(x, y)
+            return total
+        finally:
+            self.model.train(was_training)
+
+    def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        return self.correct(images, labels).item() / max(1, images.shape[0])

@@ -1,0 +1,215 @@
+"""The fast engine, the benchmark and data-parallel training (no timing assertions here)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenet import engine
+from lenet.data import synthetic_dataset
+from lenet.training import TrainConfig, train
+
+from .conftest import REPO, assert_user_error, run_cli
+
+
+def _metrics(result):
+    return [(h.train_loss, h.train_acc, h.test_acc) for h in result.history]
+
+
+def test_engine_step_matches_textbook_step():
+    """One engine step (eager) is exactly the textbook step: same loss, same updated weights."""
+    from lenet.models import create_model
+
+    torch.manual_seed(0)
+    a = create_model("classic")
+    b = create_model("classic")
+    b.load_state_dict(a.state_dict())
+    data = synthetic_dataset(64, 8)
+    x, y = data.train.images, data.train.labels
+    opt_a = torch.optim.SGD(a.parameters(), lr=0.9)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda s: 1.0)
+    step = engine.TrainStep(a, torch.nn.functional.cross_entropy, opt_a, sched, torch.device("cpu"),
+                            engine.EngineOptions(compile=False))
+    loss, correct = step(x, y)
+
+    opt_b = torch.optim.SGD(b.parameters(), lr=0.9)
+    scores = b(x.unsqueeze(1).float() / 255)
+    loss_b = torch.nn.functional.cross_entropy(scores, y)
+    opt_b.zero_grad()
+    loss_b.backward()
+    opt_b.step()
+    assert loss.item() == pytest.approx(loss_b.item(), abs=1e-6)
+    assert correct.item() == (scores.argmax(1) == y).sum().item()
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb)
+
+
+def test_same_seed_same_metrics_eager():
+    data = synthetic_dataset(600, 200)
+    cfg = TrainConfig(epochs=2, compile=False, seed=3)
+    assert _metrics(train(cfg, data=data)) == _metrics(train(cfg, data=data))
+
+
+def test_compiled_training_is_deterministic_and_learns_like_eager():
+    if engine.compiler_problem(torch.device("cpu")):
+        pytest.skip("no C++ compiler for inductor here")
+    data = synthetic_dataset(3 * 64 + 10, 100)
+    cfg = TrainConfig(epochs=2, batch_size=64, compile=True, seed=1)
+    first, second = train(cfg, data=data), train(cfg, data=data)
+    assert _metrics(first) == _metrics(second)
+    eager = train(TrainConfig(epochs=2, batch_size=64, compile=False, seed=1), data=data)
+    for (lc, ac, tc), (le, ae, te) in zip(_metrics(first), _metrics(eager)):
+        assert lc == pytest.approx(le, abs=1e-4)
+        assert tc == pytest.approx(te, abs=0.02)
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """If torch.compile breaks, training carries on eagerly, says so once, and learns the same."""
+    def broken_compile(fn, **kwargs):
+        def run(*args):
+            raise RuntimeError("inductor exploded")
+        return run
+
+    monkeypatch.setattr(engine, "compiler_problem", lambda device: None)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    data = synthetic_dataset(300, 100)
+    notes = []
+    result = train(TrainConfig(epochs=2, batch_size=64, compile=True), data=data, log=notes.append)
+    fallbacks = [n for n in notes if "torch.compile" in n and "failed" in n]
+    assert len(fallbacks) >= 1 and "inductor exploded" in fallbacks[0]
+    eager = train(TrainConfig(epochs=2, batch_size=64, compile=False), data=data)
+    assert _metrics(result) == _metrics(eager)
+
+
+def test_no_compiler_means_eager(monkeypatch):
+    monkeypatch.setattr(engine.shutil, "which", lambda name: None)
+    assert "C++ compiler" in engine.compiler_problem(torch.device("cpu"))
+    assert engine.default_compile(torch.device("cpu")) is False
+    notes = []
+    train(TrainConfig(epochs=1, batch_size=64, compile=True), data=synthetic_dataset(128, 64), log=notes.append)
+    assert any("cannot compile" in n for n in notes)
+
+
+def test_compile_is_the_default_where_a_compiler_exists(monkeypatch):
+    monkeypatch.delenv("LENET_NO_COMPILE", raising=False)
+    cpu = torch.device("cpu")
+    assert engine.default_compile(cpu) == (engine.compiler_problem(cpu) is None)
+    monkeypatch.setenv("LENET_NO_COMPILE", "1")
+    assert engine.default_compile(cpu) is False
+
+
+def test_compile_cache_goes_to_lenet_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path))
+    engine.use_compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor")
+
+
+def test_threads_one_per_physical_core(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        cores = engine.physical_cores()
+        assert 1 <= cores <= (os.cpu_count() or cores)
+        assert engine.configure_threads() == cores
+        assert engine.configure_threads(local_world_size=2) == max(1, cores // 2)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_evaluator_matches_plain_accuracy():
+    from lenet.evaluation import accuracy
+    from lenet.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("classic")
+    data = synthetic_dataset(10, 300)
+    ev = engine.Evaluator(model, torch.device("cpu"), engine.EngineOptions(compile=False), batch_size=128)
+    assert ev.accuracy(data.test.images, data.test.labels) == accuracy(model, data.test.images, data.test.labels)
+
+
+def test_custom_criterion_is_used():
+    """A model's own ``criterion`` drives the engine (as the lenet5 preset's does)."""
+    from lenet.models import create_model
+
+    calls = []
+    model = create_model("classic")
+
+    def criterion(scores, labels):
+        calls.append(scores.shape)
+        return torch.nn.functional.cross_entropy(scores, labels) * 0.5
+
+    model.criterion = criterion
+    train(TrainConfig(epochs=1, batch_size=64, compile=False), data=synthetic_dataset(128, 64), model=model)
+    assert calls and calls[0][0] == 64
+
+
+def test_bad_engine_flags_are_user_errors():
+    assert_user_error(run_cli("train", "--amp", "fp8"), "--amp", code=2)
+    assert_user_error(run_cli("bench", "--quick", "--arms", "fast"), "--arms", "plain")
+    assert_user_error(run_cli("bench", "--quick", "--model", "nope"), "unknown model")
+
+
+def test_bench_quick_prints_table_and_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--quick", "--no-compile", "--seeds", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout
+    assert "train ex/s" in text and "eval img/s" in text and "peak RSS MB" in text
+    assert "engine / plain: training" in text and "same learning:" in text
+    result = json.loads(out.read_text())
+    assert [r["arm"] for r in result["runs"]] == ["plain", "engine", "engine", "plain"]  # alternating
+    assert result["ratios"]["train"] > 0 and result["ratios"]["eval"] > 0
+    for arm in ("plain", "engine"):
+        s = result["summary"][arm]
+        assert s["train_examples_per_sec"] > 0 and s["peak_rss_mb"] > 0
+        assert 0 <= s["test_acc"] <= 1
+
+
+def test_bench_one_arm_and_batch_size(tmp_path):
+    proc = run_cli("bench", "--quick", "--no-compile", "--arms", "engine", "--batch-size", "64")
+    assert proc.returncode == 0, proc.stderr
+    assert "engine" in proc.stdout and "plain " not in proc.stdout and "batch 64" in proc.stdout
+
+
+def _torchrun(*args: str, env: dict | None = None, timeout: float = 300):
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO / "tests"), full_env.get("PYTHONPATH", "")])
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def test_ddp_two_processes_learn_like_one(fashion, tmp_path):
+    """2 gloo processes, each a disjoint half of every batch, learn what one process learns."""
+    from . import _ddp_train
+
+    out = tmp_path / "ddp.json"
+    proc = _torchrun(str(REPO / "tests" / "_ddp_train.py"), str(out), "2", "20000", "3000")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["world_size"] == 2 and ddp["examples"] == 2 * 20000
+    single = train(TrainConfig(epochs=2, compile=False), data=_ddp_train.subset(20000, 3000))
+    for h, s in zip(ddp["history"], single.history):
+        assert h["train_loss"] == pytest.approx(s.train_loss, abs=0.01)
+        assert h["test_acc"] == pytest.approx(s.test_acc, abs=0.02)
+
+
+@pytest.mark.slow
+def test_torchrun_cli_rank0_writes_the_run(data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _torchrun("-m", "lenet", "train", "--dataset", "mnist", "--epochs", "1", "--no-compile",
+                     "--no-progress", "--out", str(run_dir), env={"LENET_DATA_ROOT": str(data_root)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("examples/sec on") == 1  # rank 0 alone prints
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["world_size"] == 2
+    assert (run_dir / "model.safetensors").is_file()
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2
