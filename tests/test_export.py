@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from .conftest import assert_user_error, run_cli
-from trained import mnist_run
+from .trained import mnist_run
 
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript", reason="ONNX export needs onnxscript (pip install 'lenet[export]')")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from .conftest import assert_user_error, run_cli
 from lenet.predict import SIZE, load_image, preprocess
-from trained import mnist_run, render_set, save_mnist_pngs
+from .trained import mnist_run, render_set, save_mnist_pngs
 
 
 @pytest.fixture(scope="module")

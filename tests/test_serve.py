@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import browser
+from . import browser
 from .conftest import REPO, assert_user_error, run_cli
-from trained import mnist_run, render_set
+from .trained import mnist_run, render_set
 
 
 @pytest.fixture(scope="module")
