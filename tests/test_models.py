@@ -375,3 +375,18 @@ def test_cli_train_with_overrides_and_num_classes(mnist, tmp_path):
     assert config["model_config"]["channels"] == [4, 8] and config["model_config"]["dense"] == [32]
     assert config["train"]["lr"] == 0.2 and config["train"]["optimizer"] == "sgd"  # no recipe for classic
     assert float(proc.stdout.split("test acc ")[-1].split()[0]) > 0.5
+
+
+@pytest.mark.parametrize("name", ["modern", "lenet5"])
+def test_presets_round_trip_through_a_run_folder(name, tmp_path):
+    from lenet.data import synthetic_dataset
+    from lenet.runs import load_run
+
+    data = synthetic_dataset(n_train=64, n_test=32)
+    result = train(TrainConfig.for_model(name, epochs=1, overrides={"num_classes": 11}), data=data,
+                   out=tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    x = torch.rand(3, 1, 28, 28)
+    result.model.eval()
+    assert torch.allclose(run.model(x), result.model(x), atol=1e-5)
+    assert run.config["model_config"]["num_classes"] == 11
