@@ -390,3 +390,20 @@ def test_presets_round_trip_through_a_run_folder(name, tmp_path):
     result.model.eval()
     assert torch.allclose(run.model(x), result.model(x), atol=1e-5)
     assert run.config["model_config"]["num_classes"] == 11
+
+
+def test_evaluate_counts_predictions_of_extra_output_units_as_wrong():
+    from lenet.evaluation import evaluate
+
+    class Fixed(nn.Module):  # predicts unit 15 for the first image, the true class for the others
+        def forward(self, x):
+            scores = torch.zeros(x.shape[0], 20)
+            scores[torch.arange(x.shape[0]), torch.tensor([15, 1, 2, 3])[: x.shape[0]]] = 1.0
+            return scores
+
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    report = evaluate(Fixed(), images, torch.tensor([0, 1, 2, 3]), tuple(str(i) for i in range(10)))
+    assert report.accuracy == 0.75 and report.extra_predictions == 1
+    assert report.per_class[:4] == [0.0, 1.0, 1.0, 1.0]
+    assert report.confusion.shape == (10, 10) and int(report.confusion.sum()) == 3
+    assert "on 4 images" in report.format() and "1 images were predicted" in report.format()
