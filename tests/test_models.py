@@ -407,3 +407,13 @@ def test_evaluate_counts_predictions_of_extra_output_units_as_wrong():
     assert report.per_class[:4] == [0.0, 1.0, 1.0, 1.0]
     assert report.confusion.shape == (10, 10) and int(report.confusion.sum()) == 3
     assert "on 4 images" in report.format() and "1 images were predicted" in report.format()
+
+
+def test_input_size_settings_summary_and_mismatch_with_the_data():
+    proc = run_cli("summary", "--set", "in_size=32", "--set", "in_channels=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "input (1, 3, 32, 32)" in proc.stdout and "sizes: 32 -> 32 -> 16 -> 12 -> 6 -> 576" in proc.stdout
+    from lenet.data import synthetic_dataset
+
+    with pytest.raises(ConfigError, match="in_size 32 and in_channels 1 do not match the 1x28x28 images"):
+        train(TrainConfig(epochs=1, overrides={"in_size": 32}), data=synthetic_dataset(32, 16))
