@@ -103,3 +103,13 @@ def test_lecun_schedule_follows_the_papers_passes():
     expected = [5e-4] * 2 + [2e-4] * 3 + [1e-4] * 3 + [5e-5] * 4 + [1e-5] * 8
     assert rates == pytest.approx(expected)
     assert len(LECUN_PASSES) == 12
+
+
+def test_training_loop_runs_sdlm_the_papers_way():
+    from lenet.data import synthetic_dataset
+    from lenet.training import train
+
+    cfg = TrainConfig.for_model("lenet5", epochs=2, optimizer="sdlm", lr=5e-5, batch_size=1, schedule="lecun")
+    result = train(cfg, data=synthetic_dataset(n_train=48, n_test=16))
+    assert len(result.history) == 2
+    assert all(torch.isfinite(torch.tensor(m.train_loss)) for m in result.history)
