@@ -375,3 +375,45 @@ def test_cli_train_with_overrides_and_num_classes(mnist, tmp_path):
     assert config["model_config"]["channels"] == [4, 8] and config["model_config"]["dense"] == [32]
     assert config["train"]["lr"] == 0.2 and config["train"]["optimizer"] == "sgd"  # no recipe for classic
     assert float(proc.stdout.split("test acc ")[-1].split()[0]) > 0.5
+
+
+@pytest.mark.parametrize("name", ["modern", "lenet5"])
+def test_presets_round_trip_through_a_run_folder(name, tmp_path):
+    from lenet.data import synthetic_dataset
+    from lenet.runs import load_run
+
+    data = synthetic_dataset(n_train=64, n_test=32)
+    result = train(TrainConfig.for_model(name, epochs=1, overrides={"num_classes": 11}), data=data,
+                   out=tmp_path / "run")
+    run = load_run(tmp_path / "run")
+    x = torch.rand(3, 1, 28, 28)
+    result.model.eval()
+    assert torch.allclose(run.model(x), result.model(x), atol=1e-5)
+    assert run.config["model_config"]["num_classes"] == 11
+
+
+def test_evaluate_counts_predictions_of_extra_output_units_as_wrong():
+    from lenet.evaluation import evaluate
+
+    class Fixed(nn.Module):  # predicts unit 15 for the first image, the true class for the others
+        def forward(self, x):
+            scores = torch.zeros(x.shape[0], 20)
+            scores[torch.arange(x.shape[0]), torch.tensor([15, 1, 2, 3])[: x.shape[0]]] = 1.0
+            return scores
+
+    images = torch.zeros(4, 28, 28, dtype=torch.uint8)
+    report = evaluate(Fixed(), images, torch.tensor([0, 1, 2, 3]), tuple(str(i) for i in range(10)))
+    assert report.accuracy == 0.75 and report.extra_predictions == 1
+    assert report.per_class[:4] == [0.0, 1.0, 1.0, 1.0]
+    assert report.confusion.shape == (10, 10) and int(report.confusion.sum()) == 3
+    assert "on 4 images" in report.format() and "1 images were predicted" in report.format()
+
+
+def test_input_size_settings_summary_and_mismatch_with_the_data():
+    proc = run_cli("summary", "--set", "in_size=32", "--set", "in_channels=3")
+    assert proc.returncode == 0, proc.stderr
+    assert "input (1, 3, 32, 32)" in proc.stdout and "sizes: 32 -> 32 -> 16 -> 12 -> 6 -> 576" in proc.stdout
+    from lenet.data import synthetic_dataset
+
+    with pytest.raises(ConfigError, match="in_size 32 and in_channels 1 do not match the 1x28x28 images"):
+        train(TrainConfig(epochs=1, overrides={"in_size": 32}), data=synthetic_dataset(32, 16))

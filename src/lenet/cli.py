@@ -181,13 +181,16 @@ def add_summary(sub) -> None:
 
 
 def cmd_summary(args) -> int:
-    from .models import create_model
+    from .models import create_model, resolve_config
     from .summary import format_table, spatial_path, trace
 
     model = create_model(args.model, **dict(args.overrides))
-    rows = trace(model)
-    print(format_table(rows, title=f"{args.model}: input (1, 1, 28, 28)"))
-    print("sizes: " + " -> ".join(map(str, spatial_path(rows))))
+    cfg = resolve_config(args.model, dict(args.overrides))
+    size = getattr(cfg, "in_size", 28)
+    shape = (1, getattr(cfg, "in_channels", 1), size, size)
+    rows = trace(model, shape)
+    print(format_table(rows, title=f"{args.model}: input {shape}"))
+    print("sizes: " + " -> ".join(map(str, spatial_path(rows, size))))
     return 0
 
 

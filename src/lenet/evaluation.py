@@ -58,9 +58,15 @@ class EvalReport:
     confusion: torch.Tensor
     classes: tuple[str, ...]
     scores: torch.Tensor
+    # images predicted as an output unit beyond the dataset's classes (models with --num-classes N)
+    extra_predictions: int = 0
 
     def format(self) -> str:
-        lines = [f"test accuracy {self.accuracy:.4f} on {int(self.confusion.sum())} images", "",
+        lines = [f"test accuracy {self.accuracy:.4f} on {int(self.confusion.sum()) + self.extra_predictions} images"]
+        if self.extra_predictions:
+            lines.append(f"{self.extra_predictions} images were predicted as an output unit beyond the "
+                         f"{len(self.classes)} classes (left out of the matrix below)")
+        lines += ["",
                  f"{'class':<14} {'accuracy':>8} {'images':>7}"]
         for name, acc, n in zip(self.classes, self.per_class, self.confusion.sum(dim=1).tolist()):
             lines.append(f"{name:<14} {acc:>8.3f} {n:>7}")
@@ -76,8 +82,10 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, class
              *, batch_size: int = 512, device: torch.device | str = "cpu") -> EvalReport:
     scores = predict_scores(model, images, batch_size=batch_size, device=device).cpu()
     preds = scores.argmax(dim=1)
-    cm = confusion_matrix(preds, labels, len(classes))
-    totals = cm.sum(dim=1).clamp(min=1)
+    k = len(classes)
+    full = confusion_matrix(preds, labels, max(k, scores.shape[1] if scores.ndim == 2 else k))
+    cm = full[:k, :k]  # a model may have more output units than classes: those are never right
+    totals = full[:k].sum(dim=1).clamp(min=1)
     per_class = (cm.diagonal() / totals).tolist()
     acc = (preds == labels).float().mean().item() if len(labels) else 0.0
-    return EvalReport(acc, per_class, cm, tuple(classes), scores)
+    return EvalReport(acc, per_class, cm, tuple(classes), scores, int(full[:k, k:].sum()))

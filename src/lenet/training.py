@@ -311,6 +311,10 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
     if hasattr(model_cfg, "num_classes") and model_cfg.num_classes < data.num_classes:
         raise ConfigError(f"num_classes {model_cfg.num_classes} is smaller than the {data.num_classes} "
                           f"classes of {data.name}")
+    side = data.train.images.shape[-1]
+    if getattr(model_cfg, "in_size", side) != side or getattr(model_cfg, "in_channels", 1) != 1:
+        raise ConfigError(f"in_size {model_cfg.in_size} and in_channels {model_cfg.in_channels} do not match "
+                          f"the 1x{side}x{side} images of {data.name}; leave them at 28 and 1")
 
     torch.manual_seed(cfg.seed)
     if model is None:
