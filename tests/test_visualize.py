@@ -126,3 +126,14 @@ def test_bad_choices_are_one_line_errors(run_dir, tmp_path):
     for command in ("activations", "filters", "mistakes"):
         assert_user_error(run_cli(command, str(tmp_path / "missing")), "run folder", "not found", code=2)
     assert_user_error(run_cli("mistakes", str(run_dir), "--count", "0"), "--count", code=2)
+
+
+def test_lenet5_stages_are_c1_and_c3():
+    """LeNet-5's C3 is a partially connected conv (not nn.Conv2d): it is still the second stage."""
+    import torch
+
+    from lenet.models import create_model
+    from lenet.visualize import conv_stage_outputs
+
+    stages = conv_stage_outputs(create_model("lenet5"), torch.rand(2, 1, 28, 28))
+    assert [(s.conv, tuple(s.maps.shape[1:])) for s in stages] == [("c1", (6, 28, 28)), ("c3", (16, 10, 10))]

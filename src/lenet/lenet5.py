@@ -112,6 +112,8 @@ class PartialConv2d(nn.Module):
     parameter counts are those of the paper; the forward pass scatters them into a dense kernel.
     """
 
+    is_conv = True  # a convolution for tools that look for conv stages (lenet activations)
+
     def __init__(self, in_channels: int, table: tuple[tuple[int, ...], ...], kernel_size: int):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, len(table), kernel_size

@@ -69,7 +69,8 @@ def pick_images(data: Dataset, indices: Sequence[int] = (), classes: Sequence[st
 
 
 def _has_conv(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Conv2d) for m in module.modules())
+    """A convolution: nn.Conv2d, or a layer that says it is one (LeNet-5's partially connected C3)."""
+    return any(isinstance(m, nn.Conv2d) or getattr(m, "is_conv", False) for m in module.modules())
 
 
 @dataclass
