@@ -499,7 +499,7 @@ def format_markdown(spec: Spec, rows: list[VariantRow], pending: int = 0) -> str
             spread = f"{r.acc_min:.3f}–{r.acc_max:.3f}" if ok > 1 else "—"
             if r.diverged:
                 acc += f" ({r.diverged}/{r.seeds} seeds diverged)"
-        lines.append(f"| {r.name} | {r.description} | {r.dataset} | {r.epochs} | {r.lr:g} | {r.parameters:,} "
+        lines.append(f"| {r.name} | {r.description.replace('|', '/')} | {r.dataset} | {r.epochs} | {r.lr:g} | {r.parameters:,} "
                      f"| {r.macs:,} | {acc} | {spread} | {f(r.train_loss, '.3f')} | {r.train_time_s:.1f} "
                      f"| {f(r.examples_per_sec, ',.0f')} |")
     if pending:
