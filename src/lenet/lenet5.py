@@ -17,7 +17,7 @@ model of the toolkit), and carries the paper's loss as its ``criterion`` attribu
     E = y_correct + log(exp(-j) + sum_i exp(-y_i))
 
 where y_i are the RBF penalties (squared Euclidean distances). Weights (and biases) are drawn
-uniformly in +-2.4 / fan-in. The choices the paper leaves open are listed in docs/readme/models.md.
+uniformly in +-2.4 / fan-in. The choices the paper leaves open are listed in README.md ("lenet5: LeCun et al. 1998 as published").
 """
 
 from __future__ import annotations
@@ -227,7 +227,7 @@ def build_lenet5(cfg: LeNet5Config) -> LeNet5:
 
 
 # The paper's 20 passes; its stochastic diagonal Levenberg-Marquardt is replaced by the recipe
-# below (see docs/readme/models.md for why and for the measured result).
+# below (see README.md ("lenet5: LeCun et al. 1998 as published") for why and for the measured result).
 RECIPE = {"epochs": 20, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine", "batch_size": 32}
 
 register("lenet5", "LeCun et al. 1998 as published: 32x32 input, partial C3, scaled tanh, fixed RBF output",
