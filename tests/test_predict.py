@@ -153,3 +153,12 @@ def test_load_image_reads_16_bit_and_palette_images(tmp_path):
     deep = preprocess(load_image(tmp_path / "deep.png"), "none").pixels
     assert deep.max() >= 245 and deep.min() <= 5 and deep[0, 0] < deep[-1, -1]  # 16-bit range kept
     assert preprocess(load_image(tmp_path / "pal.gif"), "digits").blank
+
+
+def test_feature_layers_for_every_preset():
+    from lenet.models import create_model
+    from lenet.predict import feature_layers
+
+    assert feature_layers(create_model("classic")) == ["act1", "act2"]
+    assert feature_layers(create_model("lenet5")) == ["f1", "f3"]
+    assert len(feature_layers(create_model("modern"))) == 2

@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 _API = {
     "load_dataset": "data", "LenetError": "errors", "evaluate": "evaluation",
     "LeNetConfig": "models", "create_model": "models", "load_run": "runs", "trace": "summary",
-    "TrainConfig": "training", "TrainResult": "training", "train": "training",
+    "TrainConfig": "training", "TrainResult": "training", "train": "training", "resume": "training",
+    "Predictor": "predict", "export_onnx": "export",
 }
 
 __all__ = ["__version__", *_API]

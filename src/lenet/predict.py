@@ -231,17 +231,16 @@ class Prediction:
         return d
 
 
-def feature_layers(model: nn.Module, count: int = 2) -> list[str]:
-    """Names of the layers whose outputs are the first ``count`` conv stages' activation maps:
-    ``act<i>`` (after the squashing function) when the model has it, else ``conv<i>``."""
-    modules = dict(model.named_modules())
-    names = []
-    for i in range(1, count + 1):
-        for candidate in (f"act{i}", f"conv{i}"):
-            if candidate in modules:
-                names.append(candidate)
-                break
-    return names
+def feature_layers(model: nn.Module, count: int = 2, size: int = 28) -> list[str]:
+    """Names of the layers whose outputs are the first ``count`` conv stages' activation maps (the
+    same layers ``lenet activations`` shows: after the squashing function, for any preset)."""
+    from .visualize import VisualizeError, conv_stage_outputs
+
+    try:
+        with torch.no_grad():
+            return [s.name for s in conv_stage_outputs(model, torch.zeros(1, 1, size, size), count)]
+    except VisualizeError:
+        return []
 
 
 class Predictor:
