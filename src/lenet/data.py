@@ -311,17 +311,10 @@ def _download(url: str, timeout: float) -> bytes:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
+    from .runs import atomic_write_bytes
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
 
 
 def fetch(name: str, data_root=None, *, timeout: float = 10.0, retries: int = 3,

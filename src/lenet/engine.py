@@ -37,6 +37,15 @@ def _to_float(images: torch.Tensor) -> torch.Tensor:
     return images.unsqueeze(1).to(torch.float32) / 255.0
 
 
+def _scores(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
+    """float32 class scores for uint8 images, under autocast when ``amp`` asks for it."""
+    ctx = _autocast(device, amp)
+    if ctx is None:
+        return model(_to_float(x))
+    with ctx:
+        return model(_to_float(x)).float()
+
+
 # --------------------------------------------------------------------------------------------
 # Threads and compiler
 
@@ -206,13 +215,7 @@ class TrainStep:
         self._first = True
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = _autocast(self.device, self.amp)
-        if ctx is None:
-            scores = self.model(_to_float(x))
-        else:
-            with ctx:
-                scores = self.model(_to_float(x))
-            scores = scores.float()
+        scores = _scores(self.model, x, self.device, self.amp)
         loss = self.criterion(scores, y)
         correct = (scores.detach().argmax(dim=1) == y).sum()
         return loss, correct
@@ -274,13 +277,7 @@ class Evaluator:
         self._count = _Compiled(self._count_correct, enabled, mode, "evaluation", log or (lambda s: None))
 
     def _count_correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ctx = _autocast(self.device, self.amp)
-        if ctx is None:
-            scores = self.model(_to_float(x))
-        else:
-            with ctx:
-                scores = self.model(_to_float(x))
-        return (scores.argmax(dim=1) == y).sum()
+        return (_scores(self.model, x, self.device, self.amp).argmax(dim=1) == y).sum()
 
     def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Number of correct predictions (an int64 device tensor; no host sync)."""
