@@ -311,3 +311,28 @@ def test_cli_bad_checkpoint_on_resume(tiny_run):
     (tiny_run / "model.safetensors").write_bytes(b"\x00" * 20)
     proc = run_cli("evaluate", str(tiny_run))
     assert_user_error(proc, "model.safetensors: not a valid safetensors file", code=2)
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--resume", "RUN", "--epochs", "5", "--model", "modern"], ["drop --model, --epochs"]),
+    (["--optimizer", "momentum", "--momentum", "-1"], ["--momentum -1.0: must be in [0, 1)"]),
+])
+def test_cli_resume_flags_and_momentum(args, fragments, tiny_run):
+    args = [str(tiny_run) if a == "RUN" else a for a in args]
+    proc = run_cli("train", *args, *([] if "--resume" in args else ["--out", str(tiny_run.parent / "m")]))
+    assert_user_error(proc, *fragments, code=2)
+
+
+def test_onecycle_keeps_plain_sgd_and_sdlm_without_momentum():
+    from lenet.data import synthetic_dataset
+
+    for optimizer in ("sgd", "sdlm"):
+        r = train(TrainConfig(epochs=1, batch_size=64, lr=0.05, optimizer=optimizer, schedule="onecycle"),
+                  data=synthetic_dataset(256, 64))
+        assert r.history[-1].train_loss == r.history[-1].train_loss  # ran, no NaN
+
+
+def test_evaluate_bad_out_is_one_line(tiny_run, tmp_path):
+    runs.write_json(tiny_run / "config.json", {**runs.read_config(tiny_run), "dataset": "mnist"})
+    proc = run_cli("evaluate", str(tiny_run), "--out", str(tmp_path / "c.txt"))
+    assert_user_error(proc, "give a .png file name", code=2)

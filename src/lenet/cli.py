@@ -115,6 +115,18 @@ def cmd_train(args) -> int:
         sys.stdout = open(os.devnull, "w")
     progress = not args.no_progress and sys.stderr.isatty() and world().is_main
     if args.resume:
+        defaults = (("--model", args.model, "classic"), ("--set", args.overrides, []),
+                    ("--dataset", args.dataset, "fashion-mnist"), ("--num-classes", args.num_classes, None),
+                    ("--epochs", args.epochs, None), ("--lr", args.lr, None), ("--batch-size", args.batch_size, None),
+                    ("--optimizer", args.optimizer, None), ("--momentum", args.momentum, 0.9),
+                    ("--weight-decay", args.weight_decay, None), ("--schedule", args.schedule, None),
+                    ("--seed", args.seed, 0), ("--out", args.out, None), ("--overwrite", args.overwrite, False),
+                    ("--compile/--no-compile", args.compile, None), ("--compile-mode", args.compile_mode, "default"),
+                    ("--amp", args.amp, "off"))
+        ignored = [flag for flag, value, default in defaults if value != default]
+        if ignored:
+            raise ConfigError(f"--resume {args.resume} continues the run with its saved settings: drop "
+                              f"{', '.join(ignored)} (only --data-root, --device and --no-progress apply)")
         result = resume(args.resume, data_root=args.data_root, device=None if args.device == "auto" else args.device,
                         progress=progress, log=lambda s: print(s, flush=True))
         print(result.book_lines())
@@ -122,7 +134,11 @@ def cmd_train(args) -> int:
         return 0
     overrides = dict(args.overrides)
     if args.num_classes is not None:
-        if overrides.get("num_classes", str(args.num_classes)) != str(args.num_classes):
+        try:
+            same = int(overrides.get("num_classes", args.num_classes)) == args.num_classes
+        except ValueError:
+            same = False
+        if not same:
             raise ConfigError(f"--num-classes {args.num_classes} contradicts --set num_classes="
                              f"{overrides['num_classes']}: give one of them")
         overrides["num_classes"] = str(args.num_classes)
@@ -161,11 +177,11 @@ def cmd_evaluate(args) -> int:
 
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device)
+    out = _figure_out(args, "confusion.png")  # a bad --out fails before the work, not after
     data = load_dataset(run.dataset, args.data_root)
     report = evaluate(run.model, data.test.images, data.test.labels, data.classes, device=device)
     print(report.format())
-    out = Path(args.out) if args.out else Path(args.run_dir) / "confusion.png"
-    plot_confusion(report.confusion, data.classes, out, title=f"{run.config['model']} on {data.name}")
+    _save(lambda o: plot_confusion(report.confusion, data.classes, o, title=f"{run.config['model']} on {data.name}"), out)
     print(f"\nconfusion matrix saved to {out}")
     return 0
 
@@ -374,7 +390,7 @@ def cmd_mistakes(args) -> int:
              f"misclassified test images (confidence = softmax)")
     _save(lambda o: visualize.plot_mistakes(mistakes, data, o, title=title), out)
     for m in mistakes:
-        print(f"#{m.index:<6} true {data.classes[m.true]:<12} predicted {data.classes[m.pred]:<12} "
+        print(f"#{m.index:<6} true {data.classes[m.true]:<12} predicted {visualize.class_name(data.classes, m.pred):<12} "
               f"confidence {m.confidence:.3f}")
     print(f"{wrong:,} of {len(data.test):,} test images misclassified; figure saved to {out}")
 # lenet predict / export / serve

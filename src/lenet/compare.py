@@ -48,8 +48,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 MARKER = "compare.json"
-OPTIMIZERS = ("sgd", "momentum", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "onecycle")
+from .training import OPTIMIZERS, SCHEDULES  # noqa: E402  (the same choices as lenet train)
 
 # key -> (kind, default). Kinds: str, int (>= 1), float (> 0), nonneg (float >= 0), seeds, table, limit
 KEYS: dict[str, tuple[str, Any]] = {

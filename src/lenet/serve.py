@@ -257,6 +257,14 @@ class LenetServer(ThreadingHTTPServer):
         self.log_requests = log_requests
         super().__init__(address, Handler)
 
+    def handle_error(self, request, client_address):
+        """A client that hangs up mid-response (browsers do) is not an error worth a traceback."""
+        import sys
+
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

@@ -85,8 +85,10 @@ class TrainConfig:
             raise ConfigError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"--weight-decay {self.weight_decay}: must be >= 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise ConfigError(f"--weight-decay {self.weight_decay}: must be a number >= 0")
+        if not (0 <= self.momentum < 1):
+            raise ConfigError(f"--momentum {self.momentum}: must be in [0, 1)")
         if self.eval_batch_size < 1 or self.curve_points < 1:
             raise ConfigError("eval_batch_size and curve_points must be at least 1")
         from .engine import EngineOptions
@@ -141,7 +143,10 @@ def make_schedule(cfg: TrainConfig, optimizer, steps_per_epoch: int):
             return LECUN_PASSES[epoch] if epoch < len(LECUN_PASSES) else LECUN_AFTER
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, per_pass)
-    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total)
+    # One-cycle also cycles momentum (0.95 -> 0.85 -> 0.95, Smith's recipe) where the optimizer has
+    # one (momentum, adam, adamw); plain SGD and SDLM keep none.
+    return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                               cycle_momentum=cfg.optimizer in ("momentum", "adam", "adamw"))
 
 
 def model_criterion(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -297,8 +302,9 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
 
     world = distributed.world()
     log = log if (log and world.is_main) else (lambda s: None)
+    checkpoint_path = run_dir / runs.CHECKPOINT if run_dir is not None else None  # every rank resumes from it
     if not world.is_main:
-        run_dir = None
+        run_dir = None  # rank 0 alone writes
     device = resolve_device(cfg.device)
     joined = False
     if world.active:
@@ -332,7 +338,7 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
     train_time, seen, start_epoch = 0.0, 0, 1
     if state is not None:
         try:
-            runs.load_state_into(model, state["model"], run_dir / runs.CHECKPOINT)
+            runs.load_state_into(model, state["model"], checkpoint_path)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             shuffle.set_state(state["shuffle_rng"])
@@ -342,7 +348,7 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
             train_time, seen = float(state["train_time"]), int(state["seen"])
             start_epoch = int(state["epoch"]) + 1
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-            raise CheckpointError(f"{run_dir / runs.CHECKPOINT}: does not match this run's model or "
+            raise CheckpointError(f"{checkpoint_path}: does not match this run's model or "
                                   f"optimizer ({exc}); start the run again with --overwrite") from None
         if start_epoch > cfg.epochs:
             log(f"{run_dir} already finished all {cfg.epochs} epochs; nothing to resume")

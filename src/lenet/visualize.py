@@ -64,6 +64,12 @@ def pick_images(data: Dataset, indices: Sequence[int] = (), classes: Sequence[st
     return chosen
 
 
+def class_name(classes: Sequence[str], index: int) -> str:
+    """The name of output unit ``index``; units beyond the dataset's classes (``--num-classes``)
+    are called ``class<i>``."""
+    return classes[index] if 0 <= index < len(classes) else f"class{index}"
+
+
 # --------------------------------------------------------------------------------------------
 # Capturing feature maps
 
@@ -166,7 +172,7 @@ def plot_activations(model: nn.Module, data: Dataset, indices: Sequence[int], pa
         ax = fig.add_subplot(gs[top:top + block, 0])
         ax.imshow(data.test.images[idx].numpy(), cmap="gray", vmin=0, vmax=255)
         true = data.classes[int(data.test.labels[idx])]
-        guess = data.classes[int(pred[k])]
+        guess = class_name(data.classes, int(pred[k]))
         mark = "" if guess == true else "  ✗"
         ax.set_title(f"#{idx}: {true}\npredicted {guess} ({conf[k]:.2f}){mark}", fontsize=8)
         ax.set_xticks([])
@@ -248,7 +254,7 @@ def plot_mistakes(mistakes: list[Mistake], data: Dataset, path: str | Path, titl
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes):
         ax.imshow(data.test.images[m.index].numpy(), cmap="gray", vmin=0, vmax=255)
-        ax.set_title(f"#{m.index}\ntrue: {data.classes[m.true]}\npred: {data.classes[m.pred]} "
+        ax.set_title(f"#{m.index}\ntrue: {data.classes[m.true]}\npred: {class_name(data.classes, m.pred)} "
                      f"({m.confidence:.2f})", fontsize=7.5)
     if not mistakes:
         axes[0, 0].text(0.5, 0.5, "no misclassified test image", ha="center", va="center")
