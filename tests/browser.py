@@ -97,7 +97,6 @@ def wait_for_prediction(web, previous: str | None = None, timeout: float = 20) -
 def screenshot(web, path: Path) -> None:
     """Save the whole page (the window is grown to the page's height first)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    width = web.execute_script("return window.innerWidth")
     height = web.execute_script("return document.documentElement.scrollHeight")
     chrome = web.get_window_size()["height"] - web.execute_script("return window.innerHeight")
     web.set_window_size(web.get_window_size()["width"], height + chrome)
