@@ -8,6 +8,8 @@ Two "arms" train the same model with the same recipe from the same initial weigh
   ``loss * n``, ``accuracy`` and ``n`` as Python floats); its evaluation loops over a test
   ``DataLoader`` the same way.
 * ``engine``: :func:`lenet.training.train`, exactly what ``lenet train`` runs, and its evaluator.
+* ``torchconv`` (on request: ``--arms plain,torchconv,engine``): the engine with PyTorch's own
+  convolutions instead of the batch-last kernels (``--no-fast-conv``), to show what each part buys.
 
 Each (arm, seed) runs in a fresh Python process, so the peak memory of each is its own and
 nothing one arm compiled or cached in memory helps the other; the arms alternate (ABBA over
@@ -27,7 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-ARMS = ("plain", "engine")
+ARMS = ("plain", "torchconv", "engine")
+DEFAULT_ARMS = ("plain", "engine")
 
 
 @dataclass
@@ -43,7 +46,9 @@ class BenchSpec:
     eval_batch_size: int = 256  # the textbook evaluates with its training batch size
     quick: bool = False  # synthetic data, a few steps: checks the machinery, not the speed
     compile: bool | None = None
+    compile_mode: str = "default"
     amp: str = "off"
+    fast_conv: bool | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,19 +155,21 @@ def run_engine(spec: BenchSpec) -> dict[str, Any]:
     data = _data(spec)
     cfg = TrainConfig(model=spec.model, overrides=dict(spec.overrides), dataset=data.name,
                       epochs=spec.epochs, lr=spec.lr, batch_size=spec.batch_size, seed=spec.seed,
-                      device=spec.device, compile=spec.compile, amp=spec.amp)
+                      device=spec.device, compile=spec.compile, compile_mode=spec.compile_mode,
+                      amp=spec.amp, fast_conv=spec.fast_conv)
     notes: list[str] = []
     result = train(cfg, data=data, log=notes.append)
     f = result.final
     device = result.device
-    evaluator = Evaluator(result.model, device, EngineOptions(compile=spec.compile, amp=spec.amp),
+    evaluator = Evaluator(result.model, device, EngineOptions(spec.compile, spec.compile_mode, spec.amp,
+                                                              spec.fast_conv),
                           batch_size=cfg.eval_batch_size)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     rate = _best_rate(lambda: evaluator.correct(test_x, test_y).item(), len(data.test), device)
     return {"train_loss": f.train_loss, "train_acc": f.train_acc, "test_acc": f.test_acc,
             "train_time_s": result.train_time_s, "examples": result.examples_seen,
             "epoch_times_s": [h.epoch_time_s for h in result.history], "eval_images_per_sec": rate,
-            "threads": torch.get_num_threads(), "device": str(device),
+            "threads": torch.get_num_threads(), "device": str(device), "conv": evaluator.conv,
             "notes": [n for n in notes if n.startswith("note")], **_peak_memory(device)}
 
 
@@ -210,7 +217,7 @@ def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
-def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = ARMS,
+def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_ARMS,
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every arm for every seed (alternating) and return per-run rows and per-arm summaries."""
     rows: list[dict[str, Any]] = []
@@ -240,10 +247,13 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = ARMS,
                          "eval": e["eval_images_per_sec"] / p["eval_images_per_sec"]}
         out["same_learning"] = {"train_loss_ok": e["train_loss"] <= p["train_loss"] + 0.02,
                                 "test_acc_ok": e["test_acc"] >= p["test_acc"] - 0.01}
+        if "torchconv" in summary:
+            out["ratios"]["train_torchconv"] = (summary["torchconv"]["train_examples_per_sec"]
+                                                / p["train_examples_per_sec"])
     return out
 
 
-HEADER = (f"{'arm':<7} {'seed':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
+HEADER = (f"{'arm':<9} {'seed':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
           f"{'train acc':>9} {'test acc':>8} {'peak RSS MB':>11}")
 
 
@@ -252,22 +262,24 @@ def _row_line(r: dict[str, Any]) -> str:
     mem = f"{r['peak_rss_mb']:>11,.0f}"
     if "cuda_max_allocated_mb" in r:
         mem += f"  (CUDA {r['cuda_max_allocated_mb']:,.0f} MB)"
-    return (f"{r['arm']:<7} {r['seed']:>4} {rate:>11,.0f} {r['eval_images_per_sec']:>11,.0f} "
+    return (f"{r['arm']:<9} {r['seed']:>4} {rate:>11,.0f} {r['eval_images_per_sec']:>11,.0f} "
             f"{r['train_loss']:>10.4f} {r['train_acc']:>9.4f} {r['test_acc']:>8.4f} {mem}")
 
 
 def format_summary(result: dict[str, Any]) -> str:
-    lines = ["", f"{'mean':<7} {'':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
+    lines = ["", f"{'mean':<9} {'':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
                  f"{'train acc':>9} {'test acc':>8} {'peak RSS MB':>11}"]
     for arm, s in result["summary"].items():
-        lines.append(f"{arm:<7} {'':>4} {s['train_examples_per_sec']:>11,.0f} {s['eval_images_per_sec']:>11,.0f} "
+        lines.append(f"{arm:<9} {'':>4} {s['train_examples_per_sec']:>11,.0f} {s['eval_images_per_sec']:>11,.0f} "
                      f"{s['train_loss']:>10.4f} {s['train_acc']:>9.4f} {s['test_acc']:>8.4f} "
                      f"{s['peak_rss_mb']:>11,.0f}")
     if "ratios" in result:
         r, ok = result["ratios"], result["same_learning"]
         p, e = result["summary"]["plain"], result["summary"]["engine"]
         lines += ["",
-                  f"engine / plain: training {r['train']:.2f}x, evaluation {r['eval']:.2f}x",
+                  f"engine / plain: training {r['train']:.2f}x, evaluation {r['eval']:.2f}x"
+                  + (f" (torchconv / plain: training {r['train_torchconv']:.2f}x)"
+                     if "train_torchconv" in r else ""),
                   f"same learning: train loss {e['train_loss']:.4f} vs plain {p['train_loss']:.4f} "
                   f"(allowed <= +0.02: {'yes' if ok['train_loss_ok'] else 'NO'}), test acc "
                   f"{e['test_acc']:.4f} vs plain {p['test_acc']:.4f} "
@@ -281,7 +293,12 @@ def _child(payload: str) -> int:
     msg = json.loads(payload)
     spec = BenchSpec(**msg["spec"])
     try:
-        out = run_plain(spec) if msg["arm"] == "plain" else run_engine(spec)
+        if msg["arm"] == "plain":
+            out = run_plain(spec)
+        else:
+            if msg["arm"] == "torchconv":
+                spec.fast_conv = False
+            out = run_engine(spec)
     except LenetError as exc:
         out = {"error": str(exc)}
     print(json.dumps(out), flush=True)

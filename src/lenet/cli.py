@@ -65,6 +65,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs on a GPU")
     p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                    help="mixed precision on CUDA (ignored on CPU; default off)")
+    p.add_argument("--fast-conv", action=argparse.BooleanOptionalAction, default=None,
+                   help="run conv layers through lenet's batch-last CPU kernels (default: yes on the CPU "
+                        "where they build and cover the model; --no-fast-conv uses PyTorch's)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,7 +125,7 @@ def cmd_train(args) -> int:
                     ("--weight-decay", args.weight_decay, None), ("--schedule", args.schedule, None),
                     ("--seed", args.seed, 0), ("--out", args.out, None), ("--overwrite", args.overwrite, False),
                     ("--compile/--no-compile", args.compile, None), ("--compile-mode", args.compile_mode, "default"),
-                    ("--amp", args.amp, "off"))
+                    ("--amp", args.amp, "off"), ("--fast-conv/--no-fast-conv", args.fast_conv, None))
         ignored = [flag for flag, value, default in defaults if value != default]
         if ignored:
             raise ConfigError(f"--resume {args.resume} continues the run with its saved settings: drop "
@@ -130,6 +133,7 @@ def cmd_train(args) -> int:
         result = resume(args.resume, data_root=args.data_root, device=None if args.device == "auto" else args.device,
                         progress=progress, log=lambda s: print(s, flush=True))
         print(result.book_lines())
+        print(f"{result.train_time_s:.1f} s of training ({result.engine})")
         print(f"run saved in {result.run_dir}/")
         return 0
     overrides = dict(args.overrides)
@@ -147,11 +151,13 @@ def cmd_train(args) -> int:
     cfg = TrainConfig.for_model(args.model, overrides=overrides, dataset=args.dataset,
                                 data_root=args.data_root, momentum=args.momentum, seed=args.seed,
                                 device=args.device, compile=args.compile,
-                                compile_mode=args.compile_mode, amp=args.amp, **given)
+                                compile_mode=args.compile_mode, amp=args.amp, fast_conv=args.fast_conv,
+                                **given)
     out = Path(args.out) if args.out else default_run_dir(args.model, args.dataset)
     result = train(cfg, out=out, overwrite=args.overwrite, progress=progress,
                    log=lambda s: print(s, flush=True))
     print(result.book_lines())
+    print(f"{result.train_time_s:.1f} s of training ({result.engine})")
     print(f"run saved in {result.run_dir}/ (metrics.csv, curves.png, model.safetensors)")
     return 0
 
@@ -508,7 +514,9 @@ def add_bench(sub) -> None:
     p.add_argument("--lr", type=_positive_float, default=0.9)
     p.add_argument("--seeds", type=_positive_int, default=1, help="runs per arm, seeds 0..N-1 (default 1)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--arms", default="plain,engine", help="which loops to run (default plain,engine)")
+    p.add_argument("--arms", default="plain,engine",
+                   help="which loops to run: plain, engine, torchconv (the engine with PyTorch's "
+                        "convolutions); default plain,engine")
     p.add_argument("--quick", action="store_true",
                    help="a few steps on synthetic data: checks that everything runs, measures nothing useful")
     p.add_argument("--json", metavar="FILE", help="also write all measurements as JSON")
@@ -538,7 +546,8 @@ def cmd_bench(args) -> int:
     for name in models:
         spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, epochs=epochs,
                          batch_size=args.batch_size, lr=args.lr, device=args.device, quick=args.quick,
-                         compile=args.compile, amp=args.amp, overrides=dict(args.overrides))
+                         compile=args.compile, compile_mode=args.compile_mode, amp=args.amp,
+                         fast_conv=args.fast_conv, overrides=dict(args.overrides))
         data = "synthetic data (--quick)" if args.quick else args.dataset
         print(f"{name}, batch {args.batch_size}, SGD lr {args.lr:g}, {epochs} epoch(s), "
               f"{args.seeds} seed(s), {data}, {device} ({torch.get_num_threads()} threads), "

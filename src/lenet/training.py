@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool | None = None  # torch.compile the step: None = where a compiler is available
     compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune
     amp: str = "off"  # mixed precision on CUDA: off | bf16 | fp16
+    fast_conv: bool | None = None  # batch-last CPU conv kernels: None = wherever they apply
 
     @classmethod
     def for_model(cls, model: str = "classic", **fields: Any) -> "TrainConfig":
@@ -174,6 +175,7 @@ class TrainResult:
     examples_seen: int
     device: torch.device
     run_dir: Path | None = None
+    engine: str = ""  # how the step ran, e.g. "compiled, batch-last conv kernels"
 
     @property
     def final(self) -> EpochMetrics:
@@ -359,7 +361,7 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     if world.active:  # each rank evaluates its share of the test set; the counts are summed
         test_x, test_y = test_x[world.rank::world.size], test_y[world.rank::world.size]
-    options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp)
+    options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp, cfg.fast_conv)
     step = TrainStep(distributed.wrap(model, device, world), criterion, optimizer, scheduler, device,
                      options, log=log)
     evaluator = Evaluator(model, device, options, batch_size=cfg.eval_batch_size, log=log)
@@ -461,7 +463,8 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
         if joined:
             distributed.teardown()
 
-    result = TrainResult(cfg, model, history, curve, train_time, seen, device, run_dir)
+    engine = f"{'compiled' if step.compiling else 'eager'}, {step.conv}"
+    result = TrainResult(cfg, model, history, curve, train_time, seen, device, run_dir, engine)
     if run_dir is not None:
         from .plots import plot_curves
 
