@@ -59,10 +59,11 @@ def test_compiled_training_is_deterministic_and_learns_like_eager():
     if engine.compiler_problem(torch.device("cpu")):
         pytest.skip("no C++ compiler for inductor here")
     data = synthetic_dataset(3 * 64 + 10, 100)
-    cfg = TrainConfig(epochs=2, batch_size=64, compile=True, seed=1)
+    cfg = TrainConfig(epochs=2, batch_size=64, compile=True, seed=1, fast_conv=False)
     first, second = train(cfg, data=data), train(cfg, data=data)
+    assert first.engine == "compiled, PyTorch convolutions"
     assert _metrics(first) == _metrics(second)
-    eager = train(TrainConfig(epochs=2, batch_size=64, compile=False, seed=1), data=data)
+    eager = train(TrainConfig(epochs=2, batch_size=64, compile=False, seed=1, fast_conv=False), data=data)
     for (lc, ac, tc), (le, ae, te) in zip(_metrics(first), _metrics(eager)):
         assert lc == pytest.approx(le, abs=1e-4)
         assert tc == pytest.approx(te, abs=0.02)
@@ -79,10 +80,10 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     monkeypatch.setattr(torch, "compile", broken_compile)
     data = synthetic_dataset(300, 100)
     notes = []
-    result = train(TrainConfig(epochs=2, batch_size=64, compile=True), data=data, log=notes.append)
+    result = train(TrainConfig(epochs=2, batch_size=64, compile=True, fast_conv=False), data=data, log=notes.append)
     fallbacks = [n for n in notes if "torch.compile" in n and "failed" in n]
     assert len(fallbacks) >= 1 and "inductor exploded" in fallbacks[0]
-    eager = train(TrainConfig(epochs=2, batch_size=64, compile=False), data=data)
+    eager = train(TrainConfig(epochs=2, batch_size=64, compile=False, fast_conv=False), data=data)
     assert _metrics(result) == _metrics(eager)
 
 
@@ -91,7 +92,8 @@ def test_no_compiler_means_eager(monkeypatch):
     assert "C++ compiler" in engine.compiler_problem(torch.device("cpu"))
     assert engine.default_compile(torch.device("cpu")) is False
     notes = []
-    train(TrainConfig(epochs=1, batch_size=64, compile=True), data=synthetic_dataset(128, 64), log=notes.append)
+    train(TrainConfig(epochs=1, batch_size=64, compile=True, fast_conv=False), data=synthetic_dataset(128, 64),
+          log=notes.append)
     assert any("cannot compile" in n for n in notes)
 
 

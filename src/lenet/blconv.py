@@ -1,23 +1,24 @@
-"""Batch-last convolution kernels for the CPU: LeNet's small convolutions near the hardware's limit.
+"""Batch-last conv kernels for the CPU: LeNet's small conv blocks near the hardware's limit.
 
 oneDNN (PyTorch's CPU convolution) is tuned for layers with many channels. LeNet's have 1, 6 and
 16, so its kernels spend their time on layout and padding work: conv1's forward runs at ~80
 GFLOP/s on this project's 2-core machine, a fifth of the cores' peak. ``csrc/blconv.cpp`` instead
 stores activations as ``[channels, rows, cols, batch]`` and vectorises over the batch: every
-multiply-add works on 16 examples at once, whatever the layer's shape (measured in
-docs/speed-notes.md: 2-3x oneDNN on conv1, 1.4-2x on conv2's backward).
+multiply-add works on 16 examples at once, whatever the layer's shape, and the activation
+(sigmoid, tanh, ReLU) and pooling (average, max) are fused into the same passes (measurements in
+docs/speed-notes.md).
 
 This module:
 
 * builds the C++ file once per machine with the system C++ compiler (``-O3 -march=native
-  -fopenmp``, a few seconds) into lenet's cache folder, keyed by the source, compiler and CPU;
-* registers two PyTorch custom ops, ``lenet::blconv`` (forward, with autograd) and
-  ``lenet::blconv_wgrad``, that ``torch.compile`` treats as opaque calls and fuses around;
-* :class:`BatchLast` runs an ``nn.Sequential`` LeNet with its conv stages in that layout and the
+  -fopenmp``, a few seconds) into lenet's cache folder, keyed by the source, compiler and CPU,
+  and checks the result against PyTorch before using it;
+* :class:`ConvBlock`: pool(act(conv(x) + b)) and its backward pass as one autograd Function;
+* :class:`BatchLast` runs an ``nn.Sequential`` LeNet with its conv blocks in that layout and the
   same parameters: the model, its state dict and what it learns are unchanged.
 
-Where no compiler is found, the build fails, or a model has a layer the kernels do not cover,
-:func:`batch_last` returns None and training uses PyTorch's own convolutions.
+Where no compiler is found, the build or its check fails, or a model has a layer the kernels do
+not cover, :func:`batch_last` returns None (with the reason) and PyTorch's convolutions are used.
 """
 
 from __future__ import annotations
@@ -106,14 +107,22 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _problem = f"building the batch-last kernels failed ({exc})"
         return None
-    args = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 7
-    lib.lenet_blconv_forward.argtypes = args
-    lib.lenet_blconv_weight_grad.argtypes = args[:1] + args[1:3] + args[4:]
+    ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
+    lib.lenet_blconv_forward.argtypes = ptrs * 4 + ints * 8
+    lib.lenet_blconv_weight_grad.argtypes = ptrs * 3 + ints * 9
+    lib.lenet_bl_pool_forward.argtypes = ptrs * 2 + ints * 6
+    lib.lenet_bl_act_pool_backward.argtypes = ptrs * 4 + ints * 9
     _lib = lib
     bad = _self_test()
     if bad:
         _lib, _problem = None, f"the batch-last kernels built in {target} give wrong results ({bad})"
     return _lib
+
+
+def problem() -> str | None:
+    """Why :func:`library` returned None (None if it did not)."""
+    library()
+    return _problem
 
 
 def _self_test() -> str | None:
@@ -124,8 +133,8 @@ def _self_test() -> str | None:
     b = torch.randn(3, generator=g)
     grad = torch.randn(3, 5, 6, LANES, generator=g)
     ref_x = x.permute(3, 0, 1, 2)
-    want = F.conv2d(ref_x, w, b, padding=1).permute(1, 2, 3, 0)
-    got = conv(pad_cols(x, 1), w, b, 1)
+    want = torch.sigmoid(F.conv2d(ref_x, w, b, padding=1)).permute(1, 2, 3, 0)
+    got = conv_forward(pad_cols(x, 1), w, b, 1, ACTIVATIONS[nn.Sigmoid])
     want_w = torch.ops.aten.convolution_backward(
         grad.permute(3, 0, 1, 2), ref_x, w, [3], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
         [False, True, False])[1]
@@ -136,14 +145,11 @@ def _self_test() -> str | None:
     return None
 
 
-def problem() -> str | None:
-    """Why :func:`library` returned None (None if it did not)."""
-    library()
-    return _problem
-
-
 # --------------------------------------------------------------------------------------------
-# Custom ops (tensors in [C, H, W, B] layout, B a multiple of 16)
+# The kernels as tensor functions (tensors in [C, H, W, B] layout, B a multiple of 16)
+
+ACTIVATIONS = {None: 0, nn.Sigmoid: 1, nn.Tanh: 2, nn.ReLU: 3}  # codes in csrc/blconv.cpp
+POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
 
 
 def _need_lib() -> ctypes.CDLL:
@@ -154,140 +160,145 @@ def _need_lib() -> ctypes.CDLL:
 
 
 def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
+    """The address of ``t``'s data. The caller keeps ``t`` alive (and contiguous) for the call."""
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
-def pad_cols(x: torch.Tensor, pad: int) -> torch.Tensor:
-    """Zero-pad the columns of a [C, H, W, B] tensor (the kernels pad rows themselves).
+def _check(rc: int, what: str, *shapes) -> None:
+    if rc != 0:
+        raise RuntimeError(f"lenet batch-last {what}: unsupported shape {', '.join(str(tuple(s)) for s in shapes)}")
 
-    Done outside the ops so that ``torch.compile`` fuses it into the kernel producing ``x``."""
+
+def pad_cols(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Zero-pad the columns of a [C, H, W, B] tensor (the kernels pad rows themselves)."""
     return F.pad(x, (0, 0, pad, pad)) if pad else x
 
 
-@torch.library.custom_op("lenet::blconv", mutates_args=())
-def conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: int) -> torch.Tensor:
-    """Stride-1 convolution, ``pad`` zero rows above and below; columns already padded in ``x``.
+def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: int,
+                 act: int = 0) -> torch.Tensor:
+    """act(conv(x) + bias): stride 1, ``pad`` zero rows above and below, columns already padded.
 
-    x: [Cin, H, W, B] -> [Cout, H + 2 pad - K + 1, W - K + 1, B]; B a multiple of 16."""
+    x: [Cin, H, W, B] -> [Cout, H + 2 pad - K + 1, W - K + 1, B]."""
     cin, h, w, b = x.shape
     cout, _, k, _ = weight.shape
-    x, weight = x.contiguous(), weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    out = torch.empty((cout, h + 2 * pad - k + 1, w - k + 1, b), dtype=x.dtype)
-    rc = _need_lib().lenet_blconv_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out),
-                                          cin, h, w, pad, cout, k, b)
-    if rc != 0:
-        raise RuntimeError(f"lenet::blconv: unsupported shape {tuple(x.shape)} x {tuple(weight.shape)}")
+    x, weight = x.contiguous(), weight.detach().contiguous()
+    bias = None if bias is None else bias.detach().contiguous()
+    out = torch.empty((cout, h + 2 * pad - k + 1, w - k + 1, b))
+    _check(_need_lib().lenet_blconv_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out),
+                                            cin, h, w, pad, cout, k, b, act), "convolution", x.shape, weight.shape)
     return out
 
 
-@conv.register_fake
-def _(x, weight, bias, pad):
+def weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, pad: int, goff: int = 0) -> torch.Tensor:
+    """Gradient of :func:`conv_forward`'s weight for input ``x`` and pre-activation gradient
+    ``grad`` (whose rows may hold ``goff`` extra columns on each side of the real ones)."""
     cin, h, w, b = x.shape
-    k = weight.shape[2]
-    return x.new_empty((weight.shape[0], h + 2 * pad - k + 1, w - k + 1, b))
-
-
-@torch.library.custom_op("lenet::blconv_wgrad", mutates_args=())
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, pad: int) -> torch.Tensor:
-    """Gradient of :func:`conv`'s weight, given its input ``x`` and output gradient ``grad``."""
-    cin, h, w, b = x.shape
-    cout = grad.shape[0]
-    x, grad = x.contiguous(), grad.contiguous()
-    out = torch.empty((cout, cin, k, k), dtype=x.dtype)
-    rc = _need_lib().lenet_blconv_weight_grad(_ptr(x), _ptr(grad), _ptr(out), cin, h, w, pad, cout, k, b)
-    if rc != 0:
-        raise RuntimeError(f"lenet::blconv_wgrad: unsupported shape {tuple(x.shape)}, k={k}")
+    cout, _, gcols, _ = grad.shape
+    x, grad = x.contiguous(), grad.contiguous()  # (kept in variables: the kernel reads their memory)
+    out = torch.empty((cout, cin, k, k))
+    _check(_need_lib().lenet_blconv_weight_grad(_ptr(x), _ptr(grad), _ptr(out),
+                                                cin, h, w, pad, cout, k, b, gcols, goff),
+           "weight gradient", x.shape, grad.shape)
     return out
 
 
-@weight_grad.register_fake
-def _(x, grad, k, pad):
-    return x.new_empty((grad.shape[0], x.shape[0], k, k))
+def pool_forward(a: torch.Tensor, k: int, is_max: bool) -> torch.Tensor:
+    a = a.contiguous()
+    c, h, w, b = a.shape
+    out = torch.empty((c, h // k, w // k, b))
+    _check(_need_lib().lenet_bl_pool_forward(_ptr(a), _ptr(out), c, h, w, b, k, int(is_max)),
+           "pooling", a.shape)
+    return out
 
 
-def _setup(ctx, inputs, output):
-    x, weight, bias, pad = inputs
-    ctx.save_for_backward(x, weight)
-    ctx.pad, ctx.has_bias = pad, bias is not None
+class ConvBlock(torch.autograd.Function):
+    """pool(act(conv(x) + bias)) forward and backward through the kernels.
 
+    The backward pass keeps the activation ``a`` (and the pooled output, for max pooling): the
+    activation's derivative is written in terms of ``a``, so nothing is recomputed."""
 
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
-    k = weight.shape[2]
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        # d/dx of a convolution is a convolution of the output gradient with the flipped kernel,
-        # input and output channels swapped: k - 1 - pad zero rows, k - 1 zero columns (x's
-        # columns already include the forward's padding).
-        grad_x = conv(pad_cols(grad, k - 1), weight.flip(2, 3).transpose(0, 1), None, k - 1 - ctx.pad)
-    if ctx.needs_input_grad[1]:
-        grad_w = weight_grad(x, grad, k, ctx.pad)
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad.sum(dim=(1, 2, 3))
-    return grad_x, grad_w, grad_b, None
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int):
+        a = conv_forward(x, weight, bias, pad, act)
+        p = pool_forward(a, k, pool == POOL_MAX) if pool else a
+        ctx.save_for_backward(x, weight, a, p if pool == POOL_MAX else None)
+        ctx.conf = (pad, act, pool, k, bias is not None)
+        return p
 
-
-conv.register_autograd(_backward, setup_context=_setup)
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, p = ctx.saved_tensors
+        pad, act, pool, k, has_bias = ctx.conf
+        cout, ho, wo, b = a.shape
+        ksize = weight.shape[2]
+        # The gradient w.r.t. x is a convolution of gz with the flipped kernel over gz padded with
+        # ksize - 1 zero columns each side: write gz straight into such a buffer.
+        goff = ksize - 1 if ctx.needs_input_grad[0] else 0
+        gz = torch.empty((cout, ho, wo + 2 * goff, b))
+        grad = grad.contiguous()
+        _check(_need_lib().lenet_bl_act_pool_backward(
+            _ptr(grad), _ptr(a), _ptr(p), _ptr(gz), cout, ho, wo, b, k, pool, act,
+            wo + 2 * goff, goff), "activation/pooling backward", a.shape, grad.shape)
+        grad_w = weight_grad(x, gz, ksize, pad, goff) if ctx.needs_input_grad[1] else None
+        grad_b = gz.sum(dim=(1, 2, 3)) if has_bias and ctx.needs_input_grad[2] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            flipped = weight.detach().flip(2, 3).transpose(0, 1)
+            grad_x = conv_forward(gz, flipped, None, ksize - 1 - pad)
+        return grad_x, grad_w, grad_b, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
 # Running a model in the batch-last layout
 
-_ELEMENTWISE = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.GELU, nn.Identity)
 
-
-def _conv_ok(m: nn.Conv2d) -> bool:
+def _conv_ok(m: nn.Module) -> bool:
+    if not isinstance(m, nn.Conv2d):
+        return False
     k = m.kernel_size
     return (k[0] == k[1] and k[0] in KERNEL_SIZES and m.stride == (1, 1) and m.dilation == (1, 1)
             and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
             and m.padding[0] == m.padding[1] and m.weight.dtype == torch.float32)
 
 
-def _pool_ok(m: nn.Module) -> bool:
+def _pool(m: nn.Module) -> tuple[int, int] | None:
+    """(pool code, window) for a k x k / stride k pool without padding, else None."""
     if not isinstance(m, (nn.AvgPool2d, nn.MaxPool2d)):
-        return False
+        return None
     k, s, p = m.kernel_size, m.stride, m.padding
-    same = (k == s) and p in (0, (0, 0)) and not m.ceil_mode
-    if isinstance(m, nn.MaxPool2d):
-        same = same and m.dilation in (1, (1, 1)) and not m.return_indices
-    return same and (isinstance(k, int) or k[0] == k[1])
+    if isinstance(m, nn.MaxPool2d) and (m.dilation not in (1, (1, 1)) or m.return_indices):
+        return None
+    if isinstance(m, nn.AvgPool2d) and (not m.count_include_pad or m.divisor_override):
+        return None
+    k = k if isinstance(k, int) else (k[0] if k[0] == k[1] else None)
+    s = s if isinstance(s, int) else (s[0] if s[0] == s[1] else None)
+    if k is None or k != s or p not in (0, (0, 0)) or m.ceil_mode:
+        return None
+    return (POOL_MAX if isinstance(m, nn.MaxPool2d) else POOL_AVG), k
 
 
 class BatchLast(nn.Module):
-    """Runs ``model`` (an ``nn.Sequential``) with its leading conv stages in the batch-last layout.
+    """Runs ``model`` (an ``nn.Sequential``) with its conv blocks (conv, activation, pool) through
+    the batch-last kernels, and the rest (flatten, dense layers) as usual.
 
-    The stages before the first layer the kernels do not cover (the flatten, in a LeNet) run as
-    [C, H, W, B] tensors: convolutions through ``lenet::blconv``, activations as they are, 2x2
-    pools as a reshape and a mean/max. The rest of the model runs as usual on a transposed view.
-    Same parameters, same function: outputs equal the model's up to float rounding.
+    Same parameters, same function: outputs and gradients equal the model's up to float rounding.
     """
 
-    def __init__(self, model: nn.Sequential, stages: int):
+    def __init__(self, model: nn.Sequential, blocks: list[tuple[nn.Conv2d, int, int, int]], rest: int):
         super().__init__()
-        self.layers = list(model)  # not registered: the wrapped model owns the parameters
-        self.stages = stages
+        self.blocks = blocks  # (conv, activation code, pool code, pool window); not registered:
+        self.rest = list(model)[rest:]  # the wrapped model owns the parameters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: float (N, C, H, W)
         n = x.shape[0]
-        pad = -n % LANES
         h = x.permute(1, 2, 3, 0)
-        if pad:  # padded examples are zeros; they are dropped before anything sees their scores
-            h = F.pad(h, (0, pad))
-        for layer in self.layers[:self.stages]:
-            if isinstance(layer, nn.Conv2d):
-                p = layer.padding[0]
-                h = conv(pad_cols(h, p), layer.weight, layer.bias, p)
-            elif isinstance(layer, (nn.AvgPool2d, nn.MaxPool2d)):
-                k = layer.kernel_size if isinstance(layer.kernel_size, int) else layer.kernel_size[0]
-                c, hh, ww, b = h.shape
-                h = h[:, :hh // k * k, :ww // k * k]
-                h = h.reshape(c, hh // k, k, ww // k, k, b)
-                h = h.mean(dim=(2, 4)) if isinstance(layer, nn.AvgPool2d) else h.amax(dim=(2, 4))
-            else:
-                h = layer(h)
+        if n % LANES:  # padded examples are zeros; their scores are dropped below
+            h = F.pad(h, (0, -n % LANES))
+        for conv, act, pool, k in self.blocks:
+            p = conv.padding[0]
+            h = ConvBlock.apply(pad_cols(h, p), conv.weight, conv.bias, p, act, pool, k)
         h = h.permute(3, 0, 1, 2)[:n]
-        for layer in self.layers[self.stages:]:
+        for layer in self.rest:
             h = layer(h)
         return h
 
@@ -296,24 +307,28 @@ def batch_last(model: nn.Module) -> tuple[BatchLast | None, str]:
     """A :class:`BatchLast` runner for ``model``, or (None, why not)."""
     if not isinstance(model, nn.Sequential):
         return None, "the model is not an nn.Sequential"
-    stages, convs = 0, 0
-    from .models import ScaledTanh
-
-    for layer in model:
-        if isinstance(layer, nn.Conv2d) and _conv_ok(layer):
-            convs += 1
-        elif not (isinstance(layer, _ELEMENTWISE + (ScaledTanh,)) or _pool_ok(layer)):
-            break
-        stages += 1
-    if convs == 0 or any(isinstance(m, nn.Conv2d) for m in list(model)[stages:]):
-        # Mixing layouts (e.g. conv -> BatchNorm -> conv) would cost more copies than it saves.
-        return None, ("its layers (e.g. BatchNorm or a strided conv between the convolutions) are "
-                      "not all covered by the batch-last kernels")
+    layers = list(model)
+    blocks, i = [], 0
+    while i < len(layers) and _conv_ok(layers[i]):
+        conv, act, pool, k = layers[i], 0, POOL_NONE, 1
+        i += 1
+        if i < len(layers) and type(layers[i]) in ACTIVATIONS:
+            act = ACTIVATIONS[type(layers[i])]
+            i += 1
+        if i < len(layers) and _pool(layers[i]) is not None:
+            pool, k = _pool(layers[i])
+            i += 1
+        blocks.append((conv, act, pool, k))
+    left = [name for name, m in list(model.named_children())[i:] if isinstance(m, nn.Conv2d)]
+    if not blocks or left:
+        first = next((f"{name} ({type(m).__name__})" for name, m in list(model.named_children())[i:]), "?")
+        return None, (f"its layer {first} is not one the batch-last kernels cover (they cover conv -> "
+                      f"sigmoid/tanh/relu -> avg/max pool blocks)")
     if next(model.parameters()).device.type != "cpu":
         return None, "the model is not on the CPU"
     if library() is None:
         return None, _problem or "the kernels are not available"
-    return BatchLast(model, stages), ""
+    return BatchLast(model, blocks, i), ""
 
 
-__all__ = ["BatchLast", "batch_last", "conv", "weight_grad", "library", "problem"]
+__all__ = ["BatchLast", "ConvBlock", "batch_last", "conv_forward", "weight_grad", "pool_forward", "library", "problem"]

@@ -13,10 +13,12 @@ what happens to one batch, which is where the time goes:
   compiler (CPU) or when compilation fails, the step falls back to eager mode with one log line;
 * on a GPU: optional autocast (bf16/fp16, fp16 with a gradient scaler) and CUDA graphs via
   ``torch.compile(mode="reduce-overhead")`` or ``"max-autotune"``;
-* on the CPU, LeNet-style models run their conv stages through the batch-last kernels of
-  :mod:`lenet.blconv` (2-3x faster than PyTorch's convolutions for these small layers), built
-  once per machine with the system C++ compiler; where they cannot be built or do not cover a
-  model, PyTorch's convolutions are used;
+* on the CPU, LeNet-style models run their conv blocks (conv, activation, pooling) through the
+  batch-last kernels of :mod:`lenet.blconv` (1.4-3x faster than PyTorch's convolutions for these
+  small layers, and fused with the activation and pooling), built once per machine with the
+  system C++ compiler. That step runs eagerly: what is left to compile is not worth the
+  compilation's start-up. Where the kernels cannot be built or do not cover a model, PyTorch's
+  convolutions are used and the step is compiled;
 * :func:`configure_threads` uses one thread per physical core (per process, under torchrun).
 
 Every model works: any ``nn.Module`` taking float (N, 1, H, W) images, trained with its own
@@ -144,17 +146,14 @@ PYTORCH_CONV = "PyTorch convolutions"
 BATCH_LAST_CONV = "batch-last conv kernels"
 
 
-def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions, compiled: bool,
+def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
                 log: Callable[[str], None]) -> tuple[nn.Module, str]:
     """(what to call instead of ``model``, which convolutions it uses).
 
-    On the CPU, in float32, a LeNet-style ``nn.Sequential`` runs through
-    :class:`lenet.blconv.BatchLast` (same parameters, same function); anything else runs as is.
-    By default only when the step is compiled: the layout changes and pooling around the kernels
-    need inductor's fusion to be cheap (eagerly, the step is ~15% slower than with PyTorch's convs).
+    On the CPU, a LeNet-style ``nn.Sequential`` (conv -> sigmoid/tanh/relu -> avg/max pool blocks,
+    then anything) runs through :class:`lenet.blconv.BatchLast`: same parameters, same function,
+    its conv blocks computed by the batch-last kernels. Anything else runs as is.
     """
-    if options.fast_conv is None and not compiled:
-        return model, PYTORCH_CONV
     if options.fast_conv is False or device.type != "cpu" or options.amp != "off":
         if options.fast_conv and device.type != "cpu":
             log(f"note: --fast-conv is for the CPU; {device.type} uses PyTorch's convolutions")
@@ -234,7 +233,10 @@ class TrainStep:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device = device
         log = log or (lambda s: None)
+        self.net, self.conv = conv_runner(model, device, options, log)
         enabled = options.compile if options.compile is not None else default_compile(device)
+        if self.net is not model:  # the kernels' step runs eagerly; compiling the rest is not worth its start-up
+            enabled = False
         if enabled:
             problem = compiler_problem(device)
             if problem is not None:
@@ -247,14 +249,10 @@ class TrainStep:
             torch.set_float32_matmul_precision("high")
         self.amp = options.amp if device.type == "cuda" else "off"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
-        self.net, self.conv = conv_runner(model, device, options, enabled, log)
-        self.fast_auto = options.fast_conv is None
         self._forward = _Compiled(self._forward_loss, enabled, options.compile_mode, "training step", log)
         self._first = True
 
     def _forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._forward.failed and self.fast_auto:  # chosen for a compiled step that did not happen
-            self.net, self.conv, self.fast_auto = self.model, PYTORCH_CONV, False
         scores = _scores(self.net, x, self.device, self.amp)
         loss = self.criterion(scores, y)
         correct = (scores.detach().argmax(dim=1) == y).sum()
@@ -309,18 +307,15 @@ class Evaluator:
                  batch_size: int = 1024, log: Callable[[str], None] | None = None):
         options = options or EngineOptions()
         self.model, self.device, self.batch_size = model, device, batch_size
+        self.net, self.conv = conv_runner(model, device, options, lambda s: None)
         enabled = options.compile if options.compile is not None else default_compile(device)
-        if enabled and compiler_problem(device) is not None:
+        if self.net is not model or (enabled and compiler_problem(device) is not None):
             enabled = False
         self.amp = options.amp if device.type == "cuda" else "off"
         mode = "default" if options.compile_mode == "reduce-overhead" else options.compile_mode
         self._count = _Compiled(self._count_correct, enabled, mode, "evaluation", log or (lambda s: None))
-        self.net, self.conv = conv_runner(model, device, options, enabled, lambda s: None)
-        self.fast_auto = options.fast_conv is None
 
     def _count_correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self._count.failed and self.fast_auto:
-            self.net, self.conv, self.fast_auto = self.model, PYTORCH_CONV, False
         return (_scores(self.net, x, self.device, self.amp).argmax(dim=1) == y).sum()
 
     def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
