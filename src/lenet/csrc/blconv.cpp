@@ -13,6 +13,13 @@
 // The input gradient of a convolution is a forward convolution of the (padded) output gradient
 // with the flipped, transposed kernel, so two kernels cover training: forward and weight gradient.
 //
+// A LeNet "block" is pool(act(conv(x) + b)). The block kernels below work through the batch 16
+// examples (one chunk) at a time, each thread on its own chunks, with the chunk's activation and
+// gradient maps in a small per-thread scratch buffer that stays in the core's L2 cache. The
+// activation is not kept for the backward pass but recomputed there: for LeNet's first block that
+// is 4.8 MB per batch of 256 that never goes to memory and back, which is what bounded the
+// unfused kernels (memory traffic, not arithmetic: see docs/speed-notes.md).
+//
 // Built at first use by lenet/blconv.py with `g++ -O3 -march=native -fopenmp`; plain C ABI.
 
 #include <algorithm>
@@ -72,7 +79,7 @@ static inline vec vexp(vec x) {
 }
 
 // Activations applied as a convolution's output is stored, and their derivatives written in terms
-// of the output a (what the backward pass keeps): sigmoid' = a(1-a), tanh' = 1-a^2, relu' = [a>0].
+// of the output a (what the backward pass recomputes): sigmoid' = a(1-a), tanh' = 1-a^2, relu' = [a>0].
 enum { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3 };
 
 static inline vec activate(vec z, int act) {
@@ -93,29 +100,38 @@ static inline vec activation_grad(vec a, int act) {
     }
 }
 
+// A [C][H][W][lanes] tensor seen from one chunk of 16 lanes: p points at lane b0 of element 0,
+// and B is the distance between consecutive elements (the batch size, or 16 in a scratch buffer).
+struct Map {
+    float* p;
+    int C, H, W, B;
+    float* at(int c, int y, int x) const { return p + (((std::size_t)c * H + y) * W + x) * B; }
+};
+
+static inline Map cmap(const float* p, int C, int H, int W, int B) { return Map{const_cast<float*>(p), C, H, W, B}; }
+
 // Output columns per register block: accumulators (xb * cob) + one input row window (xb + K - 1)
 // + one broadcast weight must fit in ~30 of the 32 vector registers.
 template <int K, int COB> constexpr int fwd_xb() {
     return (30 - (K - 1)) / (COB + 1) < 1 ? 1 : (30 - (K - 1)) / (COB + 1);
 }
 
-// One block: COB output channels x XB output columns of one output row, for 16 examples.
+// One register block: COB output channels x XB output columns of output row y, 16 examples.
 template <int K, int COB, int XB>
-static inline void fwd_block(const float* in, const float* w, const float* bias, float* out,
-                             int Cin, int Hin, int Win, int pad, int Ho, int Wo, int B,
-                             int b0, int co0, int y, int x0, int act) {
+static inline void conv_block(const Map& in, const float* w, const float* bias, const Map& out,
+                              int pad, int co0, int y, int x0, int act) {
     vec acc[XB][COB];
     for (int co = 0; co < COB; ++co) {
         vec bv = splat(bias ? bias[co0 + co] : 0.0f);
         for (int xo = 0; xo < XB; ++xo) acc[xo][co] = bv;
     }
-    const int ky_lo = std::max(0, pad - y), ky_hi = std::min(K, Hin + pad - y);
-    const std::size_t wstride = (std::size_t)Cin * K * K;
-    for (int ci = 0; ci < Cin; ++ci) {
+    const int ky_lo = std::max(0, pad - y), ky_hi = std::min(K, in.H + pad - y);
+    const std::size_t wstride = (std::size_t)in.C * K * K;
+    for (int ci = 0; ci < in.C; ++ci) {
         for (int ky = ky_lo; ky < ky_hi; ++ky) {
-            const float* row = in + (((std::size_t)ci * Hin + (y + ky - pad)) * Win + x0) * B + b0;
+            const float* row = in.at(ci, y + ky - pad, x0);
             vec iv[XB + K - 1];
-            for (int p = 0; p < XB + K - 1; ++p) iv[p] = load(row + (std::size_t)p * B);
+            for (int p = 0; p < XB + K - 1; ++p) iv[p] = load(row + (std::size_t)p * in.B);
             const float* wp = w + (std::size_t)co0 * wstride + ((std::size_t)ci * K + ky) * K;
             for (int kx = 0; kx < K; ++kx)
                 for (int co = 0; co < COB; ++co) {
@@ -125,256 +141,310 @@ static inline void fwd_block(const float* in, const float* w, const float* bias,
         }
     }
     for (int co = 0; co < COB; ++co)
-        for (int xo = 0; xo < XB; ++xo)
-            store(out + ((((std::size_t)(co0 + co)) * Ho + y) * Wo + x0 + xo) * B + b0, activate(acc[xo][co], act));
+        for (int xo = 0; xo < XB; ++xo) store(out.at(co0 + co, y, x0 + xo), activate(acc[xo][co], act));
 }
 
+// out = act(conv(in) + bias) for one chunk; out.H and out.W are the output's size.
 template <int K, int COB>
-static void fwd(const float* in, const float* w, const float* bias, float* out,
-                int Cin, int Hin, int Win, int pad, int Cout, int B, int act) {
+static void conv_chunk(const Map& in, const float* w, const float* bias, const Map& out, int pad, int act) {
     constexpr int XB = fwd_xb<K, COB>();
-    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
-    const int nco = Cout / COB;
-    const int full = Wo / XB * XB;
-#pragma omp parallel
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-        for (int b0 = lo; b0 < hi; b0 += V)
-            for (int cb = 0; cb < nco; ++cb)
-                for (int y = 0; y < Ho; ++y) {
-                    for (int x0 = 0; x0 < full; x0 += XB)
-                        fwd_block<K, COB, XB>(in, w, bias, out, Cin, Hin, Win, pad, Ho, Wo, B, b0, cb * COB, y, x0, act);
-                    for (int x0 = full; x0 < Wo; ++x0)
-                        fwd_block<K, COB, 1>(in, w, bias, out, Cin, Hin, Win, pad, Ho, Wo, B, b0, cb * COB, y, x0, act);
-                }
-    }
+    const int full = out.W / XB * XB;
+    for (int cb = 0; cb < out.C / COB; ++cb)
+        for (int y = 0; y < out.H; ++y) {
+            for (int x0 = 0; x0 < full; x0 += XB) conv_block<K, COB, XB>(in, w, bias, out, pad, cb * COB, y, x0, act);
+            for (int x0 = full; x0 < out.W; ++x0) conv_block<K, COB, 1>(in, w, bias, out, pad, cb * COB, y, x0, act);
+        }
 }
 
-// Weight gradient: gw[co][ci][ky][kx] = sum_{y,x,b} g[co][y][x][b] * in[ci][y+ky-pad][x+kx][b].
-// Each thread sums over its own lanes into its own copy of gw; the copies are added at the end (in
-// thread order: the result is deterministic for a given thread count). Within a thread, one item
-// = COB output channels x one (ci, ky): COB x K accumulators of 16 lanes each.
+// gw += weight gradient of one chunk: gw[co][ci][ky][kx] += sum_{y,x,lanes} g[co][y][goff+x] *
+// in[ci][y+ky-pad][x+kx]. One item = COB output channels x one (ci, ky): COB x K accumulators.
 template <int K> constexpr int wgrad_cob_max() { return 29 / (K + 1) > 7 ? 7 : 29 / (K + 1); }
 
 template <int K, int COB>
-static void wgrad(const float* in, const float* g, float* gw,
-                  int Cin, int Hin, int Win, int pad, int Cout, int B, int gcols, int goff) {
-    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
-    const int nco = Cout / COB;
-    const std::size_t nw = (std::size_t)Cout * Cin * K * K;
-#ifdef _OPENMP
-    const int T = omp_get_max_threads();
-#else
-    const int T = 1;
-#endif
-    std::vector<float> part((std::size_t)T * nw, 0.0f);
-#pragma omp parallel num_threads(T)
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-#ifdef _OPENMP
-        float* mine = part.data() + (std::size_t)omp_get_thread_num() * nw;
-#else
-        float* mine = part.data();
-#endif
-        const std::size_t gstride = (std::size_t)Ho * gcols * B;
-        for (int cb = 0; cb < nco; ++cb)
-            for (int ci = 0; ci < Cin; ++ci)
-                for (int ky = 0; ky < K; ++ky) {
-                    vec acc[COB][K];
-                    for (int co = 0; co < COB; ++co)
-                        for (int kx = 0; kx < K; ++kx) acc[co][kx] = vec{};
-                    const int co0 = cb * COB;
-                    for (int b0 = lo; b0 < hi; b0 += V)
-                        for (int y = std::max(0, pad - ky); y < std::min(Ho, Hin + pad - ky); ++y) {
-                            const float* irow = in + (((std::size_t)ci * Hin + (y + ky - pad)) * Win) * B + b0;
-                            const float* grow = g + (((std::size_t)co0 * Ho + y) * gcols + goff) * B + b0;
-                            for (int x = 0; x < Wo; ++x) {
-                                vec gv[COB];
-                                for (int co = 0; co < COB; ++co) gv[co] = load(grow + co * gstride + (std::size_t)x * B);
-                                for (int kx = 0; kx < K; ++kx) {
-                                    vec iv = load(irow + (std::size_t)(x + kx) * B);
-                                    for (int co = 0; co < COB; ++co) acc[co][kx] += gv[co] * iv;
-                                }
-                            }
-                        }
-                    for (int co = 0; co < COB; ++co)
+static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, float* gw) {
+    const int Ho = g.H, Wo = in.W - K + 1;
+    for (int cb = 0; cb < g.C / COB; ++cb)
+        for (int ci = 0; ci < in.C; ++ci)
+            for (int ky = 0; ky < K; ++ky) {
+                vec acc[COB][K];
+                for (int co = 0; co < COB; ++co)
+                    for (int kx = 0; kx < K; ++kx) acc[co][kx] = vec{};
+                const int co0 = cb * COB;
+                for (int y = std::max(0, pad - ky); y < std::min(Ho, in.H + pad - ky); ++y) {
+                    const float* irow = in.at(ci, y + ky - pad, 0);
+                    for (int x = 0; x < Wo; ++x) {
+                        vec gv[COB];
+                        for (int co = 0; co < COB; ++co) gv[co] = load(g.at(co0 + co, y, goff + x));
                         for (int kx = 0; kx < K; ++kx) {
-                            float s = 0.0f;
-                            for (int l = 0; l < V; ++l) s += acc[co][kx][l];
-                            mine[(((std::size_t)(co0 + co) * Cin + ci) * K + ky) * K + kx] = s;
+                            vec iv = load(irow + (std::size_t)(x + kx) * in.B);
+                            for (int co = 0; co < COB; ++co) acc[co][kx] += gv[co] * iv;
                         }
+                    }
                 }
-    }
-    for (std::size_t i = 0; i < nw; ++i) {
-        float s = 0.0f;
-        for (int t = 0; t < T; ++t) s += part[(std::size_t)t * nw + i];
-        gw[i] = s;
+                for (int co = 0; co < COB; ++co)
+                    for (int kx = 0; kx < K; ++kx) {
+                        float s = 0.0f;
+                        for (int l = 0; l < V; ++l) s += acc[co][kx][l];
+                        gw[(((std::size_t)(co0 + co) * in.C + ci) * K + ky) * K + kx] += s;
+                    }
+            }
+}
+
+// ---- dispatch on the kernel size and the largest channel block that divides Cout --------------
+
+static bool supported(int K) { return K == 1 || K == 3 || K == 5 || K == 7; }
+
+template <int K>
+static void conv_k(const Map& in, const float* w, const float* bias, const Map& out, int pad, int act) {
+    switch (out.C % 8 == 0 ? 8 : out.C % 7 == 0 ? 7 : out.C % 6 == 0 ? 6 : out.C % 5 == 0 ? 5
+            : out.C % 4 == 0 ? 4 : out.C % 3 == 0 ? 3 : out.C % 2 == 0 ? 2 : 1) {
+        case 8: return conv_chunk<K, 8>(in, w, bias, out, pad, act);
+        case 7: return conv_chunk<K, 7>(in, w, bias, out, pad, act);
+        case 6: return conv_chunk<K, 6>(in, w, bias, out, pad, act);
+        case 5: return conv_chunk<K, 5>(in, w, bias, out, pad, act);
+        case 4: return conv_chunk<K, 4>(in, w, bias, out, pad, act);
+        case 3: return conv_chunk<K, 3>(in, w, bias, out, pad, act);
+        case 2: return conv_chunk<K, 2>(in, w, bias, out, pad, act);
+        default: return conv_chunk<K, 1>(in, w, bias, out, pad, act);
     }
 }
 
-// ---- dispatch: the largest channel block (<= the register budget) that divides Cout ----------
-
-template <int K>
-static int fwd_k(const float* in, const float* w, const float* bias, float* out,
-                 int Cin, int Hin, int Win, int pad, int Cout, int B, int act) {
-    for (int cob = 8; cob >= 1; --cob) {
-        if (Cout % cob) continue;
-        switch (cob) {
-            case 8: fwd<K, 8>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            case 7: fwd<K, 7>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            case 6: fwd<K, 6>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            case 5: fwd<K, 5>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            case 4: fwd<K, 4>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            case 3: fwd<K, 3>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            case 2: fwd<K, 2>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-            default: fwd<K, 1>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act); return 0;
-        }
+static void conv_any(const Map& in, const float* w, const float* bias, const Map& out, int K, int pad, int act) {
+    switch (K) {
+        case 1: return conv_k<1>(in, w, bias, out, pad, act);
+        case 3: return conv_k<3>(in, w, bias, out, pad, act);
+        case 5: return conv_k<5>(in, w, bias, out, pad, act);
+        default: return conv_k<7>(in, w, bias, out, pad, act);
     }
-    return -1;
 }
 
 template <int K>
-static int wgrad_k(const float* in, const float* g, float* gw,
-                   int Cin, int Hin, int Win, int pad, int Cout, int B, int gcols, int goff) {
+static void wgrad_k(const Map& in, const Map& g, int goff, int pad, float* gw) {
     for (int cob = wgrad_cob_max<K>(); cob >= 1; --cob) {
-        if (Cout % cob) continue;
+        if (g.C % cob) continue;
         switch (cob) {
-            case 7: if constexpr (wgrad_cob_max<K>() >= 7) { wgrad<K, 7>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0; } break;
-            case 6: if constexpr (wgrad_cob_max<K>() >= 6) { wgrad<K, 6>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0; } break;
-            case 5: if constexpr (wgrad_cob_max<K>() >= 5) { wgrad<K, 5>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0; } break;
-            case 4: if constexpr (wgrad_cob_max<K>() >= 4) { wgrad<K, 4>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0; } break;
-            case 3: if constexpr (wgrad_cob_max<K>() >= 3) { wgrad<K, 3>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0; } break;
-            case 2: wgrad<K, 2>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0;
-            default: wgrad<K, 1>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff); return 0;
+            case 7: if constexpr (wgrad_cob_max<K>() >= 7) return wgrad_chunk<K, 7>(in, g, goff, pad, gw); break;
+            case 6: if constexpr (wgrad_cob_max<K>() >= 6) return wgrad_chunk<K, 6>(in, g, goff, pad, gw); break;
+            case 5: if constexpr (wgrad_cob_max<K>() >= 5) return wgrad_chunk<K, 5>(in, g, goff, pad, gw); break;
+            case 4: if constexpr (wgrad_cob_max<K>() >= 4) return wgrad_chunk<K, 4>(in, g, goff, pad, gw); break;
+            case 3: if constexpr (wgrad_cob_max<K>() >= 3) return wgrad_chunk<K, 3>(in, g, goff, pad, gw); break;
+            case 2: return wgrad_chunk<K, 2>(in, g, goff, pad, gw);
+            default: return wgrad_chunk<K, 1>(in, g, goff, pad, gw);
         }
     }
-    return -1;
+}
+
+static void wgrad_any(const Map& in, const Map& g, int K, int goff, int pad, float* gw) {
+    switch (K) {
+        case 1: return wgrad_k<1>(in, g, goff, pad, gw);
+        case 3: return wgrad_k<3>(in, g, goff, pad, gw);
+        case 5: return wgrad_k<5>(in, g, goff, pad, gw);
+        default: return wgrad_k<7>(in, g, goff, pad, gw);
+    }
 }
 
 // ---- pooling (k x k windows, stride k, floor) and the backward of activation + pooling ---------
 
-static void pool_forward(const float* a, float* p, int C, int H, int W, int B, int k, bool is_max) {
-    const int Hp = H / k, Wp = W / k;
+static void pool_chunk(const Map& a, const Map& p, int k, bool is_max) {
     const float inv = 1.0f / (k * k);
-#pragma omp parallel
-    {
-    int lo, hi;
-    my_lanes(B, lo, hi);
-    for (int c = 0; c < C; ++c)
-        for (int i = 0; i < Hp; ++i)
-            for (int j = 0; j < Wp; ++j)
-                for (int b0 = lo; b0 < hi; b0 += V) {
-                    const float* base = a + (((std::size_t)c * H + i * k) * W + j * k) * B + b0;
-                    vec s = load(base);
-                    for (int di = 0; di < k; ++di)
-                        for (int dj = (di == 0); dj < k; ++dj) {
-                            vec v = load(base + ((std::size_t)di * W + dj) * B);
-                            s = is_max ? (v > s ? v : s) : s + v;
-                        }
-                    store(p + (((std::size_t)c * Hp + i) * Wp + j) * B + b0, is_max ? s : s * inv);
-                }
-    }
+    for (int c = 0; c < p.C; ++c)
+        for (int i = 0; i < p.H; ++i)
+            for (int j = 0; j < p.W; ++j) {
+                vec s = load(a.at(c, i * k, j * k));
+                for (int di = 0; di < k; ++di)
+                    for (int dj = (di == 0); dj < k; ++dj) {
+                        vec v = load(a.at(c, i * k + di, j * k + dj));
+                        s = is_max ? (v > s ? v : s) : s + v;
+                    }
+                store(p.at(c, i, j), is_max ? s : s * inv);
+            }
 }
 
-// gz = (gradient of the pooled output routed back through the pool) * act'(a), written into rows
-// of gcols columns starting at column goff; every other column of gz is set to zero. Average
-// pooling spreads the gradient evenly; max pooling sends it to the first maximum of each window in
-// row-major order (what PyTorch's max_pool2d does); cells outside the pooled area get zero.
-static void act_pool_backward(const float* gp, const float* a, const float* p, float* gz,
-                              int C, int H, int W, int B, int k, int pool, int act, int gcols, int goff) {
-    const int Hp = k ? H / k : H, Wp = k ? W / k : W;
-    const float inv = k ? 1.0f / (k * k) : 1.0f;
-#pragma omp parallel
-    {
-    int lo, hi;
-    my_lanes(B, lo, hi);
-    for (int c = 0; c < C; ++c)
-        for (int y = 0; y < H; ++y) {
-            float* grow = gz + ((std::size_t)c * H + y) * gcols * B;
-            for (int x = 0; x < goff; ++x)
-                for (int b0 = lo; b0 < hi; b0 += V) store(grow + (std::size_t)x * B + b0, vec{});
-            for (int x = goff + W; x < gcols; ++x)
-                for (int b0 = lo; b0 < hi; b0 += V) store(grow + (std::size_t)x * B + b0, vec{});
-            const float* arow = a + ((std::size_t)c * H + y) * W * B;
-            for (int x = 0; x < W; ++x)
-                for (int b0 = lo; b0 < hi; b0 += V) {
-                    vec av = load(arow + (std::size_t)x * B + b0);
-                    vec g = vec{};
-                    if (pool == 0) {
-                        g = load(gp + (((std::size_t)c * H + y) * W + x) * B + b0);
-                    } else if (y < Hp * k && x < Wp * k) {
-                        const int i = y / k, j = x / k;
-                        const std::size_t at = (((std::size_t)c * Hp + i) * Wp + j) * B + b0;
-                        g = load(gp + at);
-                        if (pool == 1) {
-                            g = g * inv;
-                        } else {  // max: is (y, x) the first position in its window holding the max?
-                            vec m = load(p + at);
-                            ivec mine = av == m, earlier = ivec{};
-                            for (int di = 0; di < k; ++di)
-                                for (int dj = 0; dj < k; ++dj) {
-                                    const int yy = i * k + di, xx = j * k + dj;
-                                    if (yy * W + xx >= y * W + x) continue;
-                                    earlier |= load(a + (((std::size_t)c * H + yy) * W + xx) * B + b0) == m;
-                                }
-                            g = (mine & ~earlier) ? g : vec{};
-                        }
+// gz (a's rows, at column goff of rows gz.W wide; all other columns zero) = the gradient of the
+// block's output gp sent back through the pool, times act'(a). Average pooling spreads it evenly;
+// max pooling sends it to the first maximum of each window in row-major order (as PyTorch's
+// max_pool2d does); cells the pool does not cover (the floor) get zero.
+static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, int goff, int pool, int k, int act) {
+    const int Hp = pool ? a.H / k : a.H, Wp = pool ? a.W / k : a.W;
+    const float inv = pool ? 1.0f / (k * k) : 1.0f;
+    for (int c = 0; c < a.C; ++c)
+        for (int y = 0; y < a.H; ++y) {
+            for (int x = 0; x < goff; ++x) store(gz.at(c, y, x), vec{});
+            for (int x = goff + a.W; x < gz.W; ++x) store(gz.at(c, y, x), vec{});
+            for (int x = 0; x < a.W; ++x) {
+                vec av = load(a.at(c, y, x));
+                vec g = vec{};
+                if (!pool) {
+                    g = load(gp.at(c, y, x));
+                } else if (y < Hp * k && x < Wp * k) {
+                    const int i = y / k, j = x / k;
+                    g = load(gp.at(c, i, j));
+                    if (pool == 1) {
+                        g = g * inv;
+                    } else {  // max: is (y, x) the first position of its window holding the maximum?
+                        vec m = load(a.at(c, i * k, j * k));
+                        for (int di = 0; di < k; ++di)
+                            for (int dj = 0; dj < k; ++dj) {
+                                vec v = load(a.at(c, i * k + di, j * k + dj));
+                                m = v > m ? v : m;
+                            }
+                        ivec earlier = ivec{};
+                        for (int di = 0; di < k; ++di)
+                            for (int dj = 0; dj < k; ++dj) {
+                                const int yy = i * k + di, xx = j * k + dj;
+                                if (yy * a.W + xx < y * a.W + x) earlier |= load(a.at(c, yy, xx)) == m;
+                            }
+                        g = ((av == m) & ~earlier) ? g : vec{};
                     }
-                    store(grow + (std::size_t)(goff + x) * B + b0, g * activation_grad(av, act));
                 }
+                store(gz.at(c, y, goff + x), g * activation_grad(av, act));
+            }
+        }
+}
+
+// Per-thread partial sums (of weight and bias gradients), added in thread order at the end: the
+// result is deterministic for a given thread count.
+struct Partials {
+    std::vector<float> data;
+    std::size_t n;
+    int T;
+    explicit Partials(std::size_t n_) : n(n_) {
+#ifdef _OPENMP
+        T = omp_get_max_threads();
+#else
+        T = 1;
+#endif
+        data.assign((std::size_t)T * n, 0.0f);
+    }
+    float* mine() {
+#ifdef _OPENMP
+        return data.data() + (std::size_t)omp_get_thread_num() * n;
+#else
+        return data.data();
+#endif
+    }
+    void sum_into(float* out) const {
+        for (std::size_t i = 0; i < n; ++i) {
+            float s = 0.0f;
+            for (int t = 0; t < T; ++t) s += data[(std::size_t)t * n + i];
+            out[i] = s;
         }
     }
-}
+};
 
 extern "C" {
 
-// p: [C][H/k][W/k][B], average (is_max 0) or maximum (1) of each k x k window of a: [C][H][W][B].
-int lenet_bl_pool_forward(const float* a, float* p, int C, int H, int W, int B, int k, int is_max) {
-    if (B % V || k < 1) return -1;
-    pool_forward(a, p, C, H, W, B, k, is_max != 0);
-    return 0;
-}
-
-// pool: 0 none (gp has a's shape), 1 average, 2 maximum (p: the pooled output); act as above.
-int lenet_bl_act_pool_backward(const float* gp, const float* a, const float* p, float* gz,
-                               int C, int H, int W, int B, int k, int pool, int act, int gcols, int goff) {
-    if (B % V || pool < 0 || pool > 2 || (pool && k < 1) || gcols < goff + W) return -1;
-    act_pool_backward(gp, a, p, gz, C, H, W, B, pool ? k : 0, pool, act, gcols, goff);
-    return 0;
-}
-
-// Kernel sizes compiled in; lenet/blconv.py reads this to decide which layers can use the kernels.
+// Kernel sizes compiled in (lenet/blconv.py keeps the same list).
 int lenet_blconv_kernel_sizes(int* out, int n) {
     const int ks[] = {1, 3, 5, 7};
     for (int i = 0; i < n && i < 4; ++i) out[i] = ks[i];
     return 4;
 }
 
-// Returns 0 on success, -1 for an unsupported kernel size or a batch that is not a multiple of 16.
+// out = act(conv(in) + bias); in: [Cin][Hin][Win][B], out: [Cout][Hin+2pad-K+1][Win-K+1][B].
+// Returns 0, or -1 for an unsupported kernel size or a batch that is not a multiple of 16.
 int lenet_blconv_forward(const float* in, const float* w, const float* bias, float* out,
                          int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int act) {
-    if (B % V || act < ACT_NONE || act > ACT_RELU) return -1;
-    switch (K) {
-        case 1: return fwd_k<1>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act);
-        case 3: return fwd_k<3>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act);
-        case 5: return fwd_k<5>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act);
-        case 7: return fwd_k<7>(in, w, bias, out, Cin, Hin, Win, pad, Cout, B, act);
-        default: return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU) return -1;
+    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        for (int b0 = lo; b0 < hi; b0 += V)
+            conv_any(cmap(in + b0, Cin, Hin, Win, B), w, bias, cmap(out + b0, Cout, Ho, Wo, B), K, pad, act);
     }
+    return 0;
 }
 
+// gw = weight gradient for input in and output gradient g: [Cout][Ho][gcols][B], real columns
+// starting at goff.
 int lenet_blconv_weight_grad(const float* in, const float* g, float* gw,
                              int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int gcols, int goff) {
-    if (B % V) return -1;
-    switch (K) {
-        case 1: return wgrad_k<1>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff);
-        case 3: return wgrad_k<3>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff);
-        case 5: return wgrad_k<5>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff);
-        case 7: return wgrad_k<7>(in, g, gw, Cin, Hin, Win, pad, Cout, B, gcols, goff);
-        default: return -1;
+    if (B % V || !supported(K)) return -1;
+    const int Ho = Hin + 2 * pad - K + 1;
+    Partials part((std::size_t)Cout * Cin * K * K);
+#pragma omp parallel num_threads(part.T)
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        float* mine = part.mine();
+        for (int b0 = lo; b0 < hi; b0 += V)
+            wgrad_any(cmap(in + b0, Cin, Hin, Win, B), cmap(g + b0, Cout, Ho, gcols, B), K, goff, pad, mine);
     }
+    part.sum_into(gw);
+    return 0;
+}
+
+// A block's forward pass: p = pool(act(conv(x) + bias)); pool 0 none, 1 average, 2 max (k x k).
+int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p,
+                           int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                           int act, int pool, int k) {
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < 0 || pool > 2 || k < 1) return -1;
+    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
+    const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> scratch(pool ? (std::size_t)Cout * Ho * Wo * V : 0);
+        for (int b0 = lo; b0 < hi; b0 += V) {
+            Map in = cmap(x + b0, Cin, Hin, Win, B), out = cmap(p + b0, Cout, Hp, Wp, B);
+            if (!pool) {
+                conv_any(in, w, bias, out, K, pad, act);
+                continue;
+            }
+            Map a = cmap(scratch.data(), Cout, Ho, Wo, V);
+            conv_any(in, w, bias, a, K, pad, act);
+            pool_chunk(a, out, k, pool == 2);
+        }
+    }
+    return 0;
+}
+
+// A block's backward pass, given x, the parameters and gp (the gradient of the block's output):
+// gw, gb (if not null) and gx (if not null; it needs wflip = w flipped and transposed:
+// [Cin][Cout][K][K]). The activation is recomputed chunk by chunk, not kept from the forward pass
+// (measured: keeping conv2's gains nothing, keeping conv1's costs 4.8 MB of memory traffic).
+int lenet_bl_block_backward(const float* x, const float* w, const float* bias, const float* wflip,
+                            const float* gp, float* gx, float* gw, float* gb,
+                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                            int act, int pool, int k) {
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < 0 || pool > 2 || k < 1) return -1;
+    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
+    const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
+    const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
+    const std::size_t nw = (std::size_t)Cout * Cin * K * K;
+    Partials part(nw + Cout);  // weight gradient, then bias gradient
+#pragma omp parallel num_threads(part.T)
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        float* mine = part.mine();
+        std::vector<float> a_buf((std::size_t)Cout * Ho * Wo * V), gz_buf((std::size_t)Cout * Ho * gcols * V);
+        Map a = cmap(a_buf.data(), Cout, Ho, Wo, V), gz = cmap(gz_buf.data(), Cout, Ho, gcols, V);
+        std::vector<vec> bsum(Cout, vec{});
+        for (int b0 = lo; b0 < hi; b0 += V) {
+            Map in = cmap(x + b0, Cin, Hin, Win, B);
+            conv_any(in, w, bias, a, K, pad, act);
+            act_pool_backward_chunk(cmap(gp + b0, Cout, Hp, Wp, B), a, gz, goff, pool, k, act);
+            wgrad_any(in, gz, K, goff, pad, mine);
+            for (int c = 0; c < Cout; ++c)
+                for (int y = 0; y < Ho; ++y)
+                    for (int xx = 0; xx < Wo; ++xx) bsum[c] += load(gz.at(c, y, goff + xx));
+            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE);
+        }
+        for (int c = 0; c < Cout; ++c) {
+            float s = 0.0f;
+            for (int l = 0; l < V; ++l) s += bsum[c][l];
+            mine[nw + c] += s;
+        }
+    }
+    std::vector<float> total(nw + Cout);
+    part.sum_into(total.data());
+    std::copy(total.begin(), total.begin() + nw, gw);
+    if (gb) std::copy(total.begin() + nw, total.end(), gb);
+    return 0;
 }
 
 }  // extern "C"
