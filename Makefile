@@ -25,7 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install --quiet -e ".[export,test]"
 	@touch $@
 
+# A C++ compiler builds lenet's CPU conv kernels and torch.compile's code (without one, training
+# uses PyTorch's convolutions eagerly: correct, slower).
 setup: $(VENV)/.installed
+	@command -v g++ >/dev/null 2>&1 || command -v c++ >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo ">> installing g++ for lenet's CPU kernels"; \
+	    (apt-get install -y -q g++ >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q g++ >/dev/null; }) \
+	      || echo ">> could not install g++: training will use PyTorch's convolutions"; \
+	  else echo ">> no C++ compiler: training will use PyTorch's convolutions (install g++ for the fast kernels)"; fi; }
 
 # Data: already present (--data-root/LENET_DATA_ROOT, cache, Debian's folder), else a verified
 # download, else Debian's dataset-fashion-mnist package where apt-get may run.
