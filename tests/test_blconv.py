@@ -101,6 +101,8 @@ def test_unsupported_shapes_are_refused_not_miscomputed():
     {"channels": (6, 16, 32), "padding": (2, 2, 2)},      # 3 stages, a 7x7 map pooled to 3x3 (floor)
     {"activation": "tanh", "dense": ()},
     {"activation": "relu", "pool": "none", "channels": (4, 4)},
+    {"activation": "relu", "dense": (32,)},
+    {"dropout": 0.5},  # the dense kernels stop at the dropout; PyTorch runs it and what follows
 ])
 @pytest.mark.parametrize("batch", [7, 96])  # not multiples of 16: padded inside, dropped after
 def test_batch_last_model_equals_the_model(overrides, batch):
@@ -109,16 +111,29 @@ def test_batch_last_model_equals_the_model(overrides, batch):
     runner, why = blconv.batch_last(model)
     assert runner is not None, why
     x = torch.rand(batch, 1, 28, 28)
+    torch.manual_seed(1)
     want = model(x)
     want.square().sum().backward()
     want_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
+    torch.manual_seed(1)
     got = runner(x)
     got.square().sum().backward()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     for p, g in zip(model.parameters(), want_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-4)
     assert list(runner.parameters()) == []  # the model owns the parameters; nothing is copied
+
+
+@needs_kernels
+def test_uint8_batches_go_straight_in():
+    """The engine hands the runner uint8 (N, H, W) batches; the scaling by 1/255 happens inside."""
+    torch.manual_seed(0)
+    model = create_model("classic")
+    runner, _ = blconv.batch_last(model)
+    images = torch.randint(0, 256, (40, 28, 28), dtype=torch.uint8)
+    torch.testing.assert_close(runner(images), model(images.unsqueeze(1).float() / 255.0), rtol=1e-4, atol=1e-5)
+    assert runner.dense and [d[1] for d in runner.dense] == [1, 1, 0]  # fc1, fc2 sigmoid; out plain
 
 
 @needs_kernels

@@ -112,6 +112,8 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_blconv_weight_grad.argtypes = ptrs * 3 + ints * 9
     lib.lenet_bl_block_forward.argtypes = ptrs * 4 + ints * 10
     lib.lenet_bl_block_backward.argtypes = ptrs * 8 + ints * 10
+    lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
+    lib.lenet_bl_dense_backward.argtypes = ptrs * 7 + ints * 4
     _lib = lib
     bad = _self_test()
     if bad:
@@ -245,6 +247,42 @@ class ConvBlock(torch.autograd.Function):
         return grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None
 
 
+class DenseBlock(torch.autograd.Function):
+    """act(W x + b) for x: [Fin, B] (features first, batch last), and its backward pass.
+
+    The output (the activation) is kept for the backward pass: it is small ([Fout, B])."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, act: int):
+        x = x.contiguous()
+        w = weight.detach().contiguous()
+        wt = w.t().contiguous()
+        b = None if bias is None else bias.detach().contiguous()
+        fin, n = x.shape
+        fout = w.shape[0]
+        y = torch.empty((fout, n))
+        _check(_need_lib().lenet_bl_dense_forward(_ptr(x), _ptr(wt), _ptr(b), _ptr(y), fin, fout, n, act),
+               "dense layer", x.shape, w.shape)
+        ctx.save_for_backward(x, w, b, y)
+        ctx.act = act
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, b, y = ctx.saved_tensors
+        fin, n = x.shape
+        fout = w.shape[0]
+        grad = grad.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_w = torch.empty_like(w)
+        grad_b = torch.empty(fout) if b is not None else None
+        _check(_need_lib().lenet_bl_dense_backward(_ptr(x), _ptr(w), _ptr(y), _ptr(grad), _ptr(grad_x), _ptr(grad_w),
+                                                   _ptr(grad_b), fin, fout, n, ctx.act),
+               "dense layer backward", x.shape, grad.shape)
+        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None
+
+
 # --------------------------------------------------------------------------------------------
 # Running a model in the batch-last layout
 
@@ -275,26 +313,46 @@ def _pool(m: nn.Module) -> tuple[int, int] | None:
 
 
 class BatchLast(nn.Module):
-    """Runs ``model`` (an ``nn.Sequential``) with its conv blocks (conv, activation, pool) through
-    the batch-last kernels, and the rest (flatten, dense layers) as usual.
+    """Runs ``model`` (an ``nn.Sequential``) through the batch-last kernels: its conv blocks (conv,
+    activation, pool), then a flatten and the dense layers (linear, activation) that follow it;
+    whatever comes after those (e.g. dropout and the layers behind it) runs as usual.
 
     Same parameters, same function: outputs and gradients equal the model's up to float rounding.
     """
 
-    def __init__(self, model: nn.Sequential, blocks: list[tuple[nn.Conv2d, int, int, int]], rest: int):
+    def __init__(self, model: nn.Sequential, blocks: list[tuple[nn.Conv2d, int, int, int]],
+                 dense: list[tuple[nn.Linear, int]], rest: int):
         super().__init__()
-        self.blocks = blocks  # (conv, activation code, pool code, pool window); not registered:
-        self.rest = list(model)[rest:]  # the wrapped model owns the parameters
+        # Not registered as submodules: the wrapped model owns the parameters.
+        self.blocks = blocks  # (conv, activation code, pool code, pool window)
+        self.dense = dense  # (linear, activation code), after a flatten
+        self.rest = list(model)[rest:]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: float (N, C, H, W)
+    takes_uint8 = True  # the engine may pass its uint8 (N, H, W) batches straight in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores for x: float (N, C, H, W) images, or uint8 (N, H, W) ones (scaled by 1/255 here)."""
         n = x.shape[0]
-        h = x.permute(1, 2, 3, 0)
-        if n % LANES:  # padded examples are zeros; their scores are dropped below
-            h = F.pad(h, (0, -n % LANES))
-        for conv, act, pool, k in self.blocks:
+        lanes = -n % LANES  # padded examples are zeros; their scores are dropped at the end
+        first_pad = self.blocks[0][0].padding[0]
+        if x.dtype == torch.uint8:  # one small uint8 copy in the layout, then one float pass
+            h = F.pad(x.permute(1, 2, 0).unsqueeze(0), (0, lanes, first_pad, first_pad)).float().div_(255.0)
+        else:
+            h = F.pad(x.permute(1, 2, 3, 0), (0, lanes, first_pad, first_pad))
+        for index, (conv, act, pool, k) in enumerate(self.blocks):
             p = conv.padding[0]
-            h = ConvBlock.apply(pad_cols(h, p), conv.weight, conv.bias, p, act, pool, k)
-        h = h.permute(3, 0, 1, 2)[:n]
+            if index:
+                h = pad_cols(h, p)
+            h = ConvBlock.apply(h, conv.weight, conv.bias, p, act, pool, k)
+        if self.dense:  # [C, H, W, B] -> [C*H*W, B]: the flatten's order, batch still last
+            h = h.reshape(-1, h.shape[-1])
+            for linear, act in self.dense:
+                h = DenseBlock.apply(h, linear.weight, linear.bias, act)
+            h = h.t()[:n]
+            if self.rest:  # e.g. dropout: its random mask follows the memory order, as in the model
+                h = h.contiguous()
+        else:
+            h = h.permute(3, 0, 1, 2)[:n]
         for layer in self.rest:
             h = layer(h)
         return h
@@ -316,6 +374,19 @@ def batch_last(model: nn.Module) -> tuple[BatchLast | None, str]:
             pool, k = _pool(layers[i])
             i += 1
         blocks.append((conv, act, pool, k))
+    dense: list[tuple[nn.Linear, int]] = []
+    if blocks and i < len(layers) and isinstance(layers[i], nn.Flatten) and layers[i].start_dim == 1 \
+            and layers[i].end_dim == -1:
+        j = i + 1
+        while j < len(layers) and isinstance(layers[j], nn.Linear) and layers[j].weight.dtype == torch.float32:
+            linear, act = layers[j], 0
+            j += 1
+            if j < len(layers) and type(layers[j]) in ACTIVATIONS:
+                act = ACTIVATIONS[type(layers[j])]
+                j += 1
+            dense.append((linear, act))
+        if dense:
+            i = j
     left = [name for name, m in list(model.named_children())[i:] if isinstance(m, nn.Conv2d)]
     if not blocks or left:
         first = next((f"{name} ({type(m).__name__})" for name, m in list(model.named_children())[i:]), "?")
@@ -325,7 +396,7 @@ def batch_last(model: nn.Module) -> tuple[BatchLast | None, str]:
         return None, "the model is not on the CPU"
     if library() is None:
         return None, _problem or "the kernels are not available"
-    return BatchLast(model, blocks, i), ""
+    return BatchLast(model, blocks, dense, i), ""
 
 
-__all__ = ["BatchLast", "ConvBlock", "batch_last", "conv_forward", "weight_grad", "library", "problem"]
+__all__ = ["BatchLast", "ConvBlock", "DenseBlock", "batch_last", "conv_forward", "weight_grad", "library", "problem"]

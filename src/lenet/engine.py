@@ -47,7 +47,7 @@ def _scores(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -
     """float32 class scores for uint8 images, under autocast when ``amp`` asks for it."""
     ctx = _autocast(device, amp)
     if ctx is None:
-        return model(_to_float(x))
+        return model(x) if getattr(model, "takes_uint8", False) else model(_to_float(x))
     with ctx:
         return model(_to_float(x)).float()
 

@@ -302,6 +302,80 @@ static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, 
         }
 }
 
+
+// ---- dense layers in the same layout: x [Fin][B] -> y [Fout][B] --------------------------------
+
+// y = act(Wt^T x + b) for one register block: OB outputs x LB lane vectors (16 examples each).
+// Wt is the weight transposed, [Fin][Fout], so the OB weights of one input are adjacent.
+// x rows are xB floats apart, y rows yB floats apart.
+template <int OB, int LB>
+static inline void dense_block(const float* x, int xB, const float* Wt, const float* bias, float* y, int yB,
+                               int Fin, int Fout, int o0, int act) {
+    vec acc[OB][LB];
+    for (int ob = 0; ob < OB; ++ob) {
+        vec bv = splat(bias ? bias[o0 + ob] : 0.0f);
+        for (int l = 0; l < LB; ++l) acc[ob][l] = bv;
+    }
+    for (int i = 0; i < Fin; ++i) {
+        vec xv[LB];
+        for (int l = 0; l < LB; ++l) xv[l] = load(x + (std::size_t)i * xB + l * V);
+        const float* wr = Wt + (std::size_t)i * Fout + o0;
+        for (int ob = 0; ob < OB; ++ob) {
+            vec wv = splat(wr[ob]);
+            for (int l = 0; l < LB; ++l) acc[ob][l] += wv * xv[l];
+        }
+    }
+    for (int ob = 0; ob < OB; ++ob)
+        for (int l = 0; l < LB; ++l) store(y + (std::size_t)(o0 + ob) * yB + l * V, activate(acc[ob][l], act));
+}
+
+// Lanes [0, n) of x and y (n a multiple of 16), all outputs.
+static void dense_lanes(const float* x, int xB, const float* Wt, const float* bias, float* y, int yB,
+                        int Fin, int Fout, int n, int act) {
+    const int ofull = Fout / 6 * 6;
+    int l0 = 0;
+    for (; l0 + 4 * V <= n; l0 += 4 * V) {
+        for (int o0 = 0; o0 < ofull; o0 += 6) dense_block<6, 4>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
+        for (int o0 = ofull; o0 < Fout; ++o0) dense_block<1, 4>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
+    }
+    for (; l0 < n; l0 += V) {
+        for (int o0 = 0; o0 < ofull; o0 += 6) dense_block<6, 1>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
+        for (int o0 = ofull; o0 < Fout; ++o0) dense_block<1, 1>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
+    }
+}
+
+// gW[o][i] += sum over lanes [0, n) of gz[o] * x[i], in 4 x 4 register blocks.
+template <int OB, int IB>
+static inline void dense_wgrad_block(const float* gz, int gB, const float* x, int xB, float* gw,
+                                     int Fin, int n, int o0, int i0) {
+    vec acc[OB][IB];
+    for (int ob = 0; ob < OB; ++ob)
+        for (int ib = 0; ib < IB; ++ib) acc[ob][ib] = vec{};
+    for (int l = 0; l < n; l += V) {
+        vec g[OB], xv[IB];
+        for (int ob = 0; ob < OB; ++ob) g[ob] = load(gz + (std::size_t)(o0 + ob) * gB + l);
+        for (int ib = 0; ib < IB; ++ib) xv[ib] = load(x + (std::size_t)(i0 + ib) * xB + l);
+        for (int ob = 0; ob < OB; ++ob)
+            for (int ib = 0; ib < IB; ++ib) acc[ob][ib] += g[ob] * xv[ib];
+    }
+    for (int ob = 0; ob < OB; ++ob)
+        for (int ib = 0; ib < IB; ++ib) {
+            float s = 0.0f;
+            for (int k = 0; k < V; ++k) s += acc[ob][ib][k];
+            gw[(std::size_t)(o0 + ob) * Fin + i0 + ib] += s;
+        }
+}
+
+static void dense_wgrad(const float* gz, int gB, const float* x, int xB, float* gw, int Fin, int Fout, int n) {
+    const int of = Fout / 4 * 4, ifl = Fin / 4 * 4;
+    for (int o0 = 0; o0 < of; o0 += 4) {
+        for (int i0 = 0; i0 < ifl; i0 += 4) dense_wgrad_block<4, 4>(gz, gB, x, xB, gw, Fin, n, o0, i0);
+        for (int i0 = ifl; i0 < Fin; ++i0) dense_wgrad_block<4, 1>(gz, gB, x, xB, gw, Fin, n, o0, i0);
+    }
+    for (int o0 = of; o0 < Fout; ++o0)
+        for (int i0 = 0; i0 < Fin; ++i0) dense_wgrad_block<1, 1>(gz, gB, x, xB, gw, Fin, n, o0, i0);
+}
+
 // Per-thread partial sums (of weight and bias gradients), added in thread order at the end: the
 // result is deterministic for a given thread count.
 struct Partials {
@@ -441,6 +515,58 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
         }
     }
     std::vector<float> total(nw + Cout);
+    part.sum_into(total.data());
+    std::copy(total.begin(), total.begin() + nw, gw);
+    if (gb) std::copy(total.begin() + nw, total.end(), gb);
+    return 0;
+}
+
+// y = act(W x + b): x [Fin][B], Wt = W transposed [Fin][Fout], y [Fout][B].
+int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, float* y,
+                           int Fin, int Fout, int B, int act) {
+    if (B % V || act < ACT_NONE || act > ACT_RELU) return -1;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        dense_lanes(x + lo, B, Wt, bias, y + lo, B, Fin, Fout, hi - lo, act);
+    }
+    return 0;
+}
+
+// Backward of y = act(W x + b) given y and its gradient gy: gw, gb (if not null) and gx (if not
+// null). W is [Fout][Fin] as stored (it is the transposed table for gx = W^T gz).
+int lenet_bl_dense_backward(const float* x, const float* W, const float* y, const float* gy,
+                            float* gx, float* gw, float* gb, int Fin, int Fout, int B, int act) {
+    if (B % V || act < ACT_NONE || act > ACT_RELU) return -1;
+    const std::size_t nw = (std::size_t)Fout * Fin;
+    Partials part(nw + Fout);
+#pragma omp parallel num_threads(part.T)
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        const int n = hi - lo;
+        float* mine = part.mine();
+        std::vector<float> gz_buf((std::size_t)Fout * std::max(n, 1));
+        float* gz = gz_buf.data();
+        for (int o = 0; o < Fout; ++o) {
+            vec bs = vec{};
+            for (int l = 0; l < n; l += V) {
+                const std::size_t at = (std::size_t)o * B + lo + l;
+                vec g = load(gy + at) * activation_grad(load(y + at), act);
+                store(gz + (std::size_t)o * n + l, g);
+                bs += g;
+            }
+            float s = 0.0f;
+            for (int k = 0; k < V; ++k) s += bs[k];
+            mine[nw + o] += s;
+        }
+        if (n > 0) {
+            dense_wgrad(gz, n, x + lo, B, mine, Fin, Fout, n);
+            if (gx) dense_lanes(gz, n, W, nullptr, gx + lo, B, Fout, Fin, n, ACT_NONE);
+        }
+    }
+    std::vector<float> total(nw + Fout);
     part.sum_into(total.data());
     std::copy(total.begin(), total.begin() + nw, gw);
     if (gb) std::copy(total.begin() + nw, total.end(), gb);
