@@ -113,7 +113,7 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_block_forward.argtypes = ptrs * 4 + ints * 10
     lib.lenet_bl_block_backward.argtypes = ptrs * 8 + ints * 10
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
-    lib.lenet_bl_dense_backward.argtypes = ptrs * 7 + ints * 4
+    lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     _lib = lib
     bad = _self_test()
     if bad:
@@ -274,13 +274,14 @@ class DenseBlock(torch.autograd.Function):
         fout = w.shape[0]
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_z = torch.empty_like(y)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.empty_like(w)
         grad_b = torch.empty(fout) if b is not None else None
-        _check(_need_lib().lenet_bl_dense_backward(_ptr(x), _ptr(w), _ptr(y), _ptr(grad), _ptr(grad_x), _ptr(grad_w),
+        _check(_need_lib().lenet_bl_dense_backward(_ptr(w), _ptr(y), _ptr(grad), _ptr(grad_z), _ptr(grad_x),
                                                    _ptr(grad_b), fin, fout, n, ctx.act),
                "dense layer backward", x.shape, grad.shape)
-        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None
+        grad_w = torch.mm(grad_z, x.t()) if need_w else None  # a plain matrix product: BLAS does it well
+        return grad_x, grad_w, grad_b if need_b else None, None
 
 
 # --------------------------------------------------------------------------------------------

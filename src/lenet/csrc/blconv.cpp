@@ -156,12 +156,13 @@ static void conv_chunk(const Map& in, const float* w, const float* bias, const M
         }
 }
 
-// gw += weight gradient of one chunk: gw[co][ci][ky][kx] += sum_{y,x,lanes} g[co][y][goff+x] *
-// in[ci][y+ky-pad][x+kx]. One item = COB output channels x one (ci, ky): COB x K accumulators.
+// gw += weight gradient of one chunk, per lane: gw[co][ci][ky][kx] += sum_{y,x} g[co][y][goff+x] *
+// in[ci][y+ky-pad][x+kx] (16 partial sums per weight; summed across lanes once, at the end).
+// One item = COB output channels x one (ci, ky): COB x K accumulators.
 template <int K> constexpr int wgrad_cob_max() { return 29 / (K + 1) > 7 ? 7 : 29 / (K + 1); }
 
 template <int K, int COB>
-static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, float* gw) {
+static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, vec* gw) {
     const int Ho = g.H, Wo = in.W - K + 1;
     for (int cb = 0; cb < g.C / COB; ++cb)
         for (int ci = 0; ci < in.C; ++ci)
@@ -182,11 +183,7 @@ static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, float* g
                     }
                 }
                 for (int co = 0; co < COB; ++co)
-                    for (int kx = 0; kx < K; ++kx) {
-                        float s = 0.0f;
-                        for (int l = 0; l < V; ++l) s += acc[co][kx][l];
-                        gw[(((std::size_t)(co0 + co) * in.C + ci) * K + ky) * K + kx] += s;
-                    }
+                    for (int kx = 0; kx < K; ++kx) gw[(((std::size_t)(co0 + co) * in.C + ci) * K + ky) * K + kx] += acc[co][kx];
             }
 }
 
@@ -219,7 +216,7 @@ static void conv_any(const Map& in, const float* w, const float* bias, const Map
 }
 
 template <int K>
-static void wgrad_k(const Map& in, const Map& g, int goff, int pad, float* gw) {
+static void wgrad_k(const Map& in, const Map& g, int goff, int pad, vec* gw) {
     for (int cob = wgrad_cob_max<K>(); cob >= 1; --cob) {
         if (g.C % cob) continue;
         switch (cob) {
@@ -234,7 +231,7 @@ static void wgrad_k(const Map& in, const Map& g, int goff, int pad, float* gw) {
     }
 }
 
-static void wgrad_any(const Map& in, const Map& g, int K, int goff, int pad, float* gw) {
+static void wgrad_any(const Map& in, const Map& g, int K, int goff, int pad, vec* gw) {
     switch (K) {
         case 1: return wgrad_k<1>(in, g, goff, pad, gw);
         case 3: return wgrad_k<3>(in, g, goff, pad, gw);
@@ -344,38 +341,6 @@ static void dense_lanes(const float* x, int xB, const float* Wt, const float* bi
     }
 }
 
-// gW[o][i] += sum over lanes [0, n) of gz[o] * x[i], in 4 x 4 register blocks.
-template <int OB, int IB>
-static inline void dense_wgrad_block(const float* gz, int gB, const float* x, int xB, float* gw,
-                                     int Fin, int n, int o0, int i0) {
-    vec acc[OB][IB];
-    for (int ob = 0; ob < OB; ++ob)
-        for (int ib = 0; ib < IB; ++ib) acc[ob][ib] = vec{};
-    for (int l = 0; l < n; l += V) {
-        vec g[OB], xv[IB];
-        for (int ob = 0; ob < OB; ++ob) g[ob] = load(gz + (std::size_t)(o0 + ob) * gB + l);
-        for (int ib = 0; ib < IB; ++ib) xv[ib] = load(x + (std::size_t)(i0 + ib) * xB + l);
-        for (int ob = 0; ob < OB; ++ob)
-            for (int ib = 0; ib < IB; ++ib) acc[ob][ib] += g[ob] * xv[ib];
-    }
-    for (int ob = 0; ob < OB; ++ob)
-        for (int ib = 0; ib < IB; ++ib) {
-            float s = 0.0f;
-            for (int k = 0; k < V; ++k) s += acc[ob][ib][k];
-            gw[(std::size_t)(o0 + ob) * Fin + i0 + ib] += s;
-        }
-}
-
-static void dense_wgrad(const float* gz, int gB, const float* x, int xB, float* gw, int Fin, int Fout, int n) {
-    const int of = Fout / 4 * 4, ifl = Fin / 4 * 4;
-    for (int o0 = 0; o0 < of; o0 += 4) {
-        for (int i0 = 0; i0 < ifl; i0 += 4) dense_wgrad_block<4, 4>(gz, gB, x, xB, gw, Fin, n, o0, i0);
-        for (int i0 = ifl; i0 < Fin; ++i0) dense_wgrad_block<4, 1>(gz, gB, x, xB, gw, Fin, n, o0, i0);
-    }
-    for (int o0 = of; o0 < Fout; ++o0)
-        for (int i0 = 0; i0 < Fin; ++i0) dense_wgrad_block<1, 1>(gz, gB, x, xB, gw, Fin, n, o0, i0);
-}
-
 // Per-thread partial sums (of weight and bias gradients), added in thread order at the end: the
 // result is deterministic for a given thread count.
 struct Partials {
@@ -390,12 +355,21 @@ struct Partials {
 #endif
         data.assign((std::size_t)T * n, 0.0f);
     }
-    float* mine() {
+    float* mine() const {
 #ifdef _OPENMP
-        return data.data() + (std::size_t)omp_get_thread_num() * n;
+        return const_cast<float*>(data.data()) + (std::size_t)omp_get_thread_num() * n;
 #else
-        return data.data();
+        return const_cast<float*>(data.data());
 #endif
+    }
+    // Adds the 16 lanes of each of the first m accumulators of acc to this thread's partials.
+    void add_lanes(const std::vector<vec>& acc, std::size_t m) const {
+        float* p = mine();
+        for (std::size_t i = 0; i < m; ++i) {
+            float s = 0.0f;
+            for (int l = 0; l < V; ++l) s += acc[i][l];
+            p[i] += s;
+        }
     }
     void sum_into(float* out) const {
         for (std::size_t i = 0; i < n; ++i) {
@@ -442,9 +416,10 @@ int lenet_blconv_weight_grad(const float* in, const float* g, float* gw,
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        float* mine = part.mine();
+        std::vector<vec> acc(part.n, vec{});
         for (int b0 = lo; b0 < hi; b0 += V)
-            wgrad_any(cmap(in + b0, Cin, Hin, Win, B), cmap(g + b0, Cout, Ho, gcols, B), K, goff, pad, mine);
+            wgrad_any(cmap(in + b0, Cin, Hin, Win, B), cmap(g + b0, Cout, Ho, gcols, B), K, goff, pad, acc.data());
+        part.add_lanes(acc, part.n);
     }
     part.sum_into(gw);
     return 0;
@@ -494,25 +469,20 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        float* mine = part.mine();
+        std::vector<vec> acc(nw + Cout, vec{});  // weight, then bias gradient, per lane
         std::vector<float> a_buf((std::size_t)Cout * Ho * Wo * V), gz_buf((std::size_t)Cout * Ho * gcols * V);
         Map a = cmap(a_buf.data(), Cout, Ho, Wo, V), gz = cmap(gz_buf.data(), Cout, Ho, gcols, V);
-        std::vector<vec> bsum(Cout, vec{});
         for (int b0 = lo; b0 < hi; b0 += V) {
             Map in = cmap(x + b0, Cin, Hin, Win, B);
             conv_any(in, w, bias, a, K, pad, act);
             act_pool_backward_chunk(cmap(gp + b0, Cout, Hp, Wp, B), a, gz, goff, pool, k, act);
-            wgrad_any(in, gz, K, goff, pad, mine);
+            wgrad_any(in, gz, K, goff, pad, acc.data());
             for (int c = 0; c < Cout; ++c)
                 for (int y = 0; y < Ho; ++y)
-                    for (int xx = 0; xx < Wo; ++xx) bsum[c] += load(gz.at(c, y, goff + xx));
+                    for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
             if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE);
         }
-        for (int c = 0; c < Cout; ++c) {
-            float s = 0.0f;
-            for (int l = 0; l < V; ++l) s += bsum[c][l];
-            mine[nw + c] += s;
-        }
+        part.add_lanes(acc, nw + Cout);
     }
     std::vector<float> total(nw + Cout);
     part.sum_into(total.data());
@@ -534,42 +504,35 @@ int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, f
     return 0;
 }
 
-// Backward of y = act(W x + b) given y and its gradient gy: gw, gb (if not null) and gx (if not
-// null). W is [Fout][Fin] as stored (it is the transposed table for gx = W^T gz).
-int lenet_bl_dense_backward(const float* x, const float* W, const float* y, const float* gy,
-                            float* gx, float* gw, float* gb, int Fin, int Fout, int B, int act) {
+// Backward of y = act(W x + b) given y and its gradient gy, except the weight gradient: gz (the
+// gradient before the activation, [Fout][B]), gb (if not null) and gx = W^T gz (if not null; W
+// is [Fout][Fin] as stored, which is the transposed table this product needs). The weight
+// gradient gz x^T is a plain matrix product that lenet/blconv.py leaves to PyTorch's BLAS: here
+// it would need a horizontal sum per weight over only 128 lanes per thread.
+int lenet_bl_dense_backward(const float* W, const float* y, const float* gy, float* gz,
+                            float* gx, float* gb, int Fin, int Fout, int B, int act) {
     if (B % V || act < ACT_NONE || act > ACT_RELU) return -1;
-    const std::size_t nw = (std::size_t)Fout * Fin;
-    Partials part(nw + Fout);
+    Partials part(Fout);
 #pragma omp parallel num_threads(part.T)
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        const int n = hi - lo;
         float* mine = part.mine();
-        std::vector<float> gz_buf((std::size_t)Fout * std::max(n, 1));
-        float* gz = gz_buf.data();
         for (int o = 0; o < Fout; ++o) {
             vec bs = vec{};
-            for (int l = 0; l < n; l += V) {
-                const std::size_t at = (std::size_t)o * B + lo + l;
+            for (int l = lo; l < hi; l += V) {
+                const std::size_t at = (std::size_t)o * B + l;
                 vec g = load(gy + at) * activation_grad(load(y + at), act);
-                store(gz + (std::size_t)o * n + l, g);
+                store(gz + at, g);
                 bs += g;
             }
             float s = 0.0f;
             for (int k = 0; k < V; ++k) s += bs[k];
-            mine[nw + o] += s;
+            mine[o] += s;
         }
-        if (n > 0) {
-            dense_wgrad(gz, n, x + lo, B, mine, Fin, Fout, n);
-            if (gx) dense_lanes(gz, n, W, nullptr, gx + lo, B, Fout, Fin, n, ACT_NONE);
-        }
+        if (gx && hi > lo) dense_lanes(gz + lo, B, W, nullptr, gx + lo, B, Fout, Fin, hi - lo, ACT_NONE);
     }
-    std::vector<float> total(nw + Fout);
-    part.sum_into(total.data());
-    std::copy(total.begin(), total.begin() + nw, gw);
-    if (gb) std::copy(total.begin() + nw, total.end(), gb);
+    if (gb) part.sum_into(gb);
     return 0;
 }
 
