@@ -53,8 +53,34 @@ static inline void my_lanes(int B, int& lo, int& hi) {
 }
 
 // exp for 16 floats (Cephes' expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial,
-// scaling by 2^n through the exponent bits); relative error ~1e-7 over the clamped range.
+// scaling by 2^n); relative error ~1e-7 over the clamped range. With AVX-512, rounding and the
+// scaling are single instructions (roundscale, scalef) and 1/x is rcp14 plus a Newton step.
 typedef int ivec __attribute__((vector_size(64)));
+
+static inline vec exp_poly(vec r) {  // e^r for |r| <= ln2/2
+    vec y = splat(1.9875691500e-4f);
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    return y * (r * r) + r + 1.0f;
+}
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+static inline vec vexp(vec x) {
+    x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
+    x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+    vec fn = (vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    vec r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
+    return (vec)_mm512_scalef_ps((__m512)exp_poly(r), (__m512)fn);
+}
+static inline vec vrecip(vec d) {
+    vec r = (vec)_mm512_rcp14_ps((__m512)d);
+    return r * (2.0f - d * r);
+}
+#else
 static inline vec vexp(vec x) {
     x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
     x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
@@ -64,19 +90,14 @@ static inline vec vexp(vec x) {
     ivec fix = fn > fx;                                      // ... so step down where that rounded up
     n += fix;                                                // (true lanes are -1)
     fn = __builtin_convertvector(n, vec);
-    x = x - fn * 0.693359375f + fn * 2.12194440e-4f;
-    vec y = splat(1.9875691500e-4f);
-    y = y * x + 1.3981999507e-3f;
-    y = y * x + 8.3334519073e-3f;
-    y = y * x + 4.1665795894e-2f;
-    y = y * x + 1.6666665459e-1f;
-    y = y * x + 5.0000001201e-1f;
-    y = y * (x * x) + x + 1.0f;
+    vec y = exp_poly(x - fn * 0.693359375f + fn * 2.12194440e-4f);
     ivec bits = (n + 127) << 23;
     vec scale;
     __builtin_memcpy(&scale, &bits, sizeof scale);
     return y * scale;
 }
+static inline vec vrecip(vec d) { return 1.0f / d; }
+#endif
 
 // Activations applied as a convolution's output is stored, and their derivatives written in terms
 // of the output a (what the backward pass recomputes): sigmoid' = a(1-a), tanh' = 1-a^2, relu' = [a>0].
@@ -84,8 +105,8 @@ enum { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3 };
 
 static inline vec activate(vec z, int act) {
     switch (act) {
-        case ACT_SIGMOID: return 1.0f / (1.0f + vexp(-z));
-        case ACT_TANH: return 2.0f / (1.0f + vexp(-2.0f * z)) - 1.0f;
+        case ACT_SIGMOID: return vrecip(1.0f + vexp(-z));
+        case ACT_TANH: return 2.0f * vrecip(1.0f + vexp(-2.0f * z)) - 1.0f;
         case ACT_RELU: return z > 0.0f ? z : splat(0.0f);
         default: return z;
     }
