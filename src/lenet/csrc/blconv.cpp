@@ -184,6 +184,8 @@ template <int K> constexpr int wgrad_cob_max() { return 29 / (K + 1) > 7 ? 7 : 2
 
 template <int K, int COB>
 static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, vec* gw) {
+    // Registers: COB x K accumulators + XW + K - 1 input vectors + one gradient vector <= ~30.
+    constexpr int XW = (30 - COB * K - K) < 1 ? 1 : (30 - COB * K - K) > 4 ? 4 : (30 - COB * K - K);
     const int Ho = g.H, Wo = in.W - K + 1;
     for (int cb = 0; cb < g.C / COB; ++cb)
         for (int ci = 0; ci < in.C; ++ci)
@@ -194,7 +196,18 @@ static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, vec* gw)
                 const int co0 = cb * COB;
                 for (int y = std::max(0, pad - ky); y < std::min(Ho, in.H + pad - ky); ++y) {
                     const float* irow = in.at(ci, y + ky - pad, 0);
-                    for (int x = 0; x < Wo; ++x) {
+                    int x = 0;
+                    // XW output columns at a time: their XW + K - 1 input vectors are loaded once.
+                    for (; x + XW <= Wo; x += XW) {
+                        vec iv[XW + K - 1];
+                        for (int p = 0; p < XW + K - 1; ++p) iv[p] = load(irow + (std::size_t)(x + p) * in.B);
+                        for (int xw = 0; xw < XW; ++xw)
+                            for (int co = 0; co < COB; ++co) {
+                                vec gv = load(g.at(co0 + co, y, goff + x + xw));
+                                for (int kx = 0; kx < K; ++kx) acc[co][kx] += gv * iv[xw + kx];
+                            }
+                    }
+                    for (; x < Wo; ++x) {
                         vec gv[COB];
                         for (int co = 0; co < COB; ++co) gv[co] = load(g.at(co0 + co, y, goff + x));
                         for (int kx = 0; kx < K; ++kx) {
