@@ -71,6 +71,31 @@ def test_fused_activation_and_pooling_equal_pytorch(act, pool, window, size):
 
 
 @needs_kernels
+@pytest.mark.parametrize("act", ["none", "sigmoid", "tanh", "relu"])
+@pytest.mark.parametrize("fin,fout,batch", [(400, 120, 256), (13, 7, 48), (84, 10, 16)])
+def test_dense_layer_and_gradients_equal_pytorch(act, fin, fout, batch):
+    """Output counts that are not multiples of the 6-wide register block, odd input counts."""
+    g = torch.Generator().manual_seed(fin + fout)
+    x = torch.randn(batch, fin, generator=g, requires_grad=True)
+    w = torch.randn(fout, fin, generator=g, requires_grad=True)
+    b = torch.randn(fout, generator=g, requires_grad=True)
+    code, fn = ACT[act]
+    want = fn(F.linear(x, w, b))
+    grad = torch.randn(want.shape, generator=g)
+    want.backward(grad)
+    want_grads = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    xt = x.detach().t().contiguous().requires_grad_()
+    got = blconv.DenseBlock.apply(xt, w, b, code)
+    got.backward(grad.t())
+    torch.testing.assert_close(got.t(), want.detach(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xt.grad.t(), want_grads[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w.grad, want_grads[1], rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(b.grad, want_grads[2], rtol=1e-4, atol=1e-3)
+
+
+@needs_kernels
 def test_max_pool_ties_go_to_the_first_maximum_like_pytorch():
     x = torch.zeros(16, 1, 6, 6, requires_grad=True)  # ReLU of a zero conv: every window is a 4-way tie
     w = torch.zeros(2, 1, 3, 3, requires_grad=True)
