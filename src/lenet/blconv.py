@@ -150,7 +150,7 @@ def _self_test() -> str | None:
 # --------------------------------------------------------------------------------------------
 # The kernels as tensor functions (tensors in [C, H, W, B] layout, B a multiple of 16)
 
-ACTIVATIONS = {None: 0, nn.Sigmoid: 1, nn.Tanh: 2, nn.ReLU: 3}  # codes in csrc/blconv.cpp
+ACTIVATIONS = {nn.Sigmoid: 1, nn.Tanh: 2, nn.ReLU: 3}  # codes in csrc/blconv.cpp (0: none)
 POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
 
 
