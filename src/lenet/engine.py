@@ -13,10 +13,10 @@ what happens to one batch, which is where the time goes:
   compiler (CPU) or when compilation fails, the step falls back to eager mode with one log line;
 * on a GPU: optional autocast (bf16/fp16, fp16 with a gradient scaler) and CUDA graphs via
   ``torch.compile(mode="reduce-overhead")`` or ``"max-autotune"``;
-* on the CPU, LeNet-style models run their conv blocks (conv, activation, pooling) through the
-  batch-last kernels of :mod:`lenet.blconv` (1.4-3x faster than PyTorch's convolutions for these
-  small layers, and fused with the activation and pooling), built once per machine with the
-  system C++ compiler. That step runs eagerly: what is left to compile is not worth the
+* on the CPU, LeNet-style models run their conv blocks (conv, activation, pooling) and dense
+  layers through the batch-last kernels of :mod:`lenet.blconv` (the whole step ~2.3x faster
+  than with PyTorch's compiled convolutions), built once per machine with the system C++
+  compiler. That step runs eagerly: what is left to compile is not worth the
   compilation's start-up. Where the kernels cannot be built or do not cover a model, PyTorch's
   convolutions are used and the step is compiled;
 * :func:`configure_threads` uses one thread per physical core (per process, under torchrun).
@@ -151,8 +151,9 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
     """(what to call instead of ``model``, which convolutions it uses).
 
     On the CPU, a LeNet-style ``nn.Sequential`` (conv -> sigmoid/tanh/relu -> avg/max pool blocks,
-    then anything) runs through :class:`lenet.blconv.BatchLast`: same parameters, same function,
-    its conv blocks computed by the batch-last kernels. Anything else runs as is.
+    a flatten, linear layers, then anything) runs through :class:`lenet.blconv.BatchLast`: same
+    parameters, same function, its conv blocks and dense layers computed by the batch-last
+    kernels. Anything else runs as is.
     """
     if options.fast_conv is False or device.type != "cpu" or options.amp != "off":
         if options.fast_conv and device.type != "cpu":
