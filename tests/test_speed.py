@@ -173,6 +173,24 @@ def test_bench_quick_prints_table_and_ratios(tmp_path):
         assert 0 <= s["test_acc"] <= 1
 
 
+def test_bench_torchconv_arm_shows_what_the_kernels_add(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_cli("bench", "--quick", "--no-compile", "--arms", "plain,torchconv,engine", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "torchconv / plain: training" in proc.stdout
+    result = json.loads(out.read_text())
+    assert [r["arm"] for r in result["runs"]] == ["plain", "torchconv", "engine"]
+    convs = {r["arm"]: r.get("conv") for r in result["runs"]}
+    assert convs["torchconv"] == engine.PYTORCH_CONV
+    from lenet import blconv
+
+    if blconv.library() is not None:
+        assert convs["engine"] == engine.BATCH_LAST_CONV
+    # the same initial weights and batches: the two engine arms learn the same thing
+    runs = {r["arm"]: r for r in result["runs"]}
+    assert runs["engine"]["train_loss"] == pytest.approx(runs["torchconv"]["train_loss"], abs=1e-4)
+
+
 def test_bench_one_arm_and_batch_size(tmp_path):
     proc = run_cli("bench", "--quick", "--no-compile", "--arms", "engine", "--batch-size", "64")
     assert proc.returncode == 0, proc.stderr
