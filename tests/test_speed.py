@@ -232,3 +232,24 @@ def test_torchrun_cli_rank0_writes_the_run(data_root, tmp_path):
     assert (run_dir / "model.safetensors").is_file()
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 2
+
+
+def test_ddp_batch_smaller_than_the_processes_is_a_user_error(monkeypatch):
+    """Under torchrun every rank needs an example per step; the check comes before joining the group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    from lenet.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--batch-size 1 is smaller than the 2 processes"):
+        train(TrainConfig(epochs=1, batch_size=1, compile=False), data=synthetic_dataset(64, 16))
+
+
+def test_ddp_last_batch_too_small_for_every_process_is_left_out(fashion, tmp_path):
+    """257 examples, batch 256, 2 processes: the 1-example tail would leave rank 1 with nothing."""
+    out = tmp_path / "ddp.json"
+    proc = _torchrun(str(REPO / "tests" / "_ddp_train.py"), str(out), "1", "257", "100")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp = json.loads(out.read_text())
+    assert ddp["world_size"] == 2 and ddp["examples"] == 256
+    assert all(h["train_loss"] == h["train_loss"] for h in ddp["history"])  # finite, not NaN
+

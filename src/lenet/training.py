@@ -308,6 +308,9 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
     if not world.is_main:
         run_dir = None  # rank 0 alone writes
     device = resolve_device(cfg.device)
+    if world.active and cfg.batch_size < world.size:  # checked before joining: every rank stops here
+        raise ConfigError(f"--batch-size {cfg.batch_size} is smaller than the {world.size} processes: each "
+                          f"process needs at least one example per step; use --batch-size {world.size} or more")
     joined = False
     if world.active:
         device, joined = distributed.setup(world, device)
@@ -332,6 +335,12 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
     optimizer = make_optimizer(cfg, model.parameters())
     n = len(data.train)
     steps = math.ceil(n / cfg.batch_size)
+    tail = n % cfg.batch_size
+    if world.active and 0 < tail < world.size:
+        # A last batch too small to give every process an example would leave some with nothing
+        # to train on; it is left out (the shuffle differs each epoch, so no example is lost for good).
+        steps -= 1
+        log(f"note: each epoch leaves out its last {tail} shuffled example(s): too few for {world.size} processes")
     scheduler = make_schedule(cfg, optimizer, steps)
     shuffle = torch.Generator().manual_seed(cfg.seed)
 
