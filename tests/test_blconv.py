@@ -241,3 +241,53 @@ def test_self_test_passes_on_this_machine():
     if blconv.library() is None:
         pytest.skip(blconv.problem())
     assert blconv._self_test() is None
+
+
+@needs_kernels
+def test_models_pytorch_would_refuse_are_refused_not_miscomputed():
+    from torch import nn
+
+    unchained = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.Conv2d(4, 16, 5), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(6400, 10))
+    runner, why = blconv.batch_last(unchained)
+    assert runner is None and "do not chain" in why
+    wrong_features = nn.Sequential(nn.Conv2d(1, 6, 5), nn.ReLU(), nn.Flatten(), nn.Linear(100, 10))
+    runner, _ = blconv.batch_last(wrong_features)
+    with pytest.raises(RuntimeError, match="shapes do not fit"):
+        runner(torch.rand(4, 1, 28, 28))
+    with pytest.raises(TypeError, match="float32 or uint8"):
+        blconv.batch_last(create_model("classic"))[0](torch.rand(4, 1, 28, 28, dtype=torch.float64))
+
+
+@needs_kernels
+@pytest.mark.parametrize("overrides", [{}, {"activation": "relu", "pool": "max"}, {"activation": "tanh"}])
+def test_nan_propagates_like_pytorch(overrides):
+    """A NaN must reach the loss (training stops on it), not be squashed to a number by an activation."""
+    model = create_model("classic", **overrides)
+    runner, _ = blconv.batch_last(model)
+    x = torch.rand(3, 1, 28, 28)
+    x[1, 0, 14, 14] = float("nan")
+    got, want = runner(x), model(x)
+    assert torch.isnan(want[1]).all() and torch.isnan(got[1]).all()
+    torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-5)
+
+
+def test_kernels_that_fail_their_check_are_not_used(monkeypatch):
+    monkeypatch.setattr(blconv, "_loaded", False)
+    monkeypatch.setattr(blconv, "_lib", None)
+
+    def broken():
+        raise RuntimeError("kernel crashed")
+
+    monkeypatch.setattr(blconv, "_self_test", broken)
+    assert blconv.library() is None
+    assert "give wrong results" in blconv.problem() and "kernel crashed" in blconv.problem()
+    monkeypatch.setattr(blconv, "_loaded", False)
+
+
+def test_amp_flag_on_the_cpu_does_not_turn_the_kernels_off():
+    if blconv.library() is None:
+        pytest.skip(blconv.problem())
+    model = create_model("classic")
+    runner, conv = engine.conv_runner(model, torch.device("cpu"), engine.EngineOptions(amp="bf16"), print)
+    assert conv == engine.BATCH_LAST_CONV

@@ -12,7 +12,9 @@ This module:
 
 * builds the C++ file once per machine with the system C++ compiler (``-O3 -march=native
   -fopenmp``, a few seconds) into lenet's cache folder, keyed by the source, compiler and CPU,
-  and checks the result against PyTorch before using it;
+  and checks the result against PyTorch before using it. The library links ``libgomp.so.1``;
+  loaded into a process that has imported torch, it shares torch's OpenMP runtime (same
+  soname), so ``torch.set_num_threads`` applies to it too;
 * :class:`ConvBlock`: pool(act(conv(x) + b)) and its backward pass as one autograd Function;
 * :class:`BatchLast` runs an ``nn.Sequential`` LeNet with its conv blocks in that layout and the
   same parameters: the model, its state dict and what it learns are unchanged.
@@ -62,7 +64,9 @@ def _cpu_signature() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.machine() + platform.processor()
-    keep = [line for line in text.splitlines() if line.startswith(("model name", "flags"))][:2]
+    first = text.split("\n\n")[0]  # the first processor's block: model and feature flags (x86 or Arm)
+    keep = [line for line in first.splitlines()
+            if line.startswith(("model name", "flags", "Features", "CPU implementer", "CPU part", "CPU variant"))]
     return platform.machine() + "\n".join(keep)
 
 
@@ -103,6 +107,9 @@ def library() -> ctypes.CDLL | None:
     try:
         if not target.exists():
             _build(cxx, target)
+            for old in target.parent.glob("blconv-*.so"):  # builds of earlier sources or other CPUs
+                if old != target:
+                    old.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(target))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _problem = f"building the batch-last kernels failed ({exc})"
@@ -115,7 +122,10 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     _lib = lib
-    bad = _self_test()
+    try:
+        bad = _self_test()
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels
+        bad = f"{type(exc).__name__}: {exc}"
     if bad:
         _lib, _problem = None, f"the batch-last kernels built in {target} give wrong results ({bad})"
     return _lib
@@ -128,22 +138,32 @@ def problem() -> str | None:
 
 
 def _self_test() -> str | None:
-    """Check the freshly loaded kernels against PyTorch on a small layer; a message if they differ."""
+    """Check the freshly loaded kernels against PyTorch: a small model with two conv blocks (max
+    and average pooling, padding) and two dense layers, forward and every gradient, on a batch
+    that is not a multiple of 16. A message if anything differs."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 5, 6, LANES, generator=g)
-    w = torch.randn(3, 2, 3, 3, generator=g)
-    b = torch.randn(3, generator=g)
-    grad = torch.randn(3, 5, 6, LANES, generator=g)
-    ref_x = x.permute(3, 0, 1, 2)
-    want = torch.sigmoid(F.conv2d(ref_x, w, b, padding=1)).permute(1, 2, 3, 0)
-    got = conv_forward(pad_cols(x, 1), w, b, 1, ACTIVATIONS[nn.Sigmoid])
-    want_w = torch.ops.aten.convolution_backward(
-        grad.permute(3, 0, 1, 2), ref_x, w, [3], [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-        [False, True, False])[1]
-    got_w = weight_grad(pad_cols(x, 1), grad, 3, 1)
-    for name, a, e in (("forward", got, want), ("weight gradient", got_w, want_w)):
-        if not torch.allclose(a, e, rtol=1e-4, atol=1e-4):
-            return f"{name} differs by {(a - e).abs().max().item():.3g}"
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2),
+                          nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 5))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    runner, why = batch_last(model, check_library=False)
+    if runner is None:
+        return f"the test model is not covered ({why})"
+    x = torch.rand(21, 1, 12, 12, generator=g)
+    results = []
+    for net in (model, runner):
+        model.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = net(xx)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        results.append([out.detach(), xx.grad] + [p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    for i, (want, got) in enumerate(zip(*results)):
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            what = "forward" if i == 0 else "input gradient" if i == 1 else f"gradient of parameter {i - 2}"
+            return f"{what} differs by {(got - want).abs().max().item():.3g}"
     return None
 
 
@@ -166,6 +186,11 @@ def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p | None:
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+def _check_shapes(ok: bool, what: str, *shapes) -> None:
+    if not ok:
+        raise RuntimeError(f"lenet batch-last {what}: shapes do not fit: {', '.join(str(tuple(s)) for s in shapes)}")
+
+
 def _check(rc: int, what: str, *shapes) -> None:
     if rc != 0:
         raise RuntimeError(f"lenet batch-last {what}: unsupported shape {', '.join(str(tuple(s)) for s in shapes)}")
@@ -183,6 +208,8 @@ def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     x: [Cin, H, W, B] -> [Cout, H + 2 pad - K + 1, W - K + 1, B]."""
     cin, h, w, b = x.shape
     cout, _, k, _ = weight.shape
+    _check_shapes(weight.shape[1] == cin and w >= k and x.dtype == weight.dtype == torch.float32,
+                  "convolution", x.shape, weight.shape)
     x, weight = x.contiguous(), weight.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     out = torch.empty((cout, h + 2 * pad - k + 1, w - k + 1, b))
@@ -196,6 +223,8 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, pad: int, goff: int
     ``grad`` (whose rows may hold ``goff`` extra columns on each side of the real ones)."""
     cin, h, w, b = x.shape
     cout, _, gcols, _ = grad.shape
+    _check_shapes(grad.shape[1] == h + 2 * pad - k + 1 and gcols >= 2 * goff + w - k + 1 and grad.shape[3] == b,
+                  "weight gradient", x.shape, grad.shape)
     x, grad = x.contiguous(), grad.contiguous()  # (kept in variables: the kernel reads their memory)
     out = torch.empty((cout, cin, k, k))
     _check(_need_lib().lenet_blconv_weight_grad(_ptr(x), _ptr(grad), _ptr(out),
@@ -222,6 +251,8 @@ class ConvBlock(torch.autograd.Function):
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
         ho, wo = h + 2 * pad - ks + 1, wd - ks + 1
+        _check_shapes(w.shape[1] == cin and ho >= 1 and wo >= 1 and (not pool or (ho >= k and wo >= k))
+                      and x.dtype == w.dtype == torch.float32, "conv block", x.shape, w.shape)
         out = torch.empty((cout, ho // k, wo // k, n) if pool else (cout, ho, wo, n))
         _check(_need_lib().lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), cin, h, wd, pad, cout,
                                                    ks, n, act, pool, k), "conv block", x.shape, w.shape)
@@ -260,6 +291,7 @@ class DenseBlock(torch.autograd.Function):
         b = None if bias is None else bias.detach().contiguous()
         fin, n = x.shape
         fout = w.shape[0]
+        _check_shapes(w.shape[1] == fin and x.dtype == w.dtype == torch.float32, "dense layer", x.shape, w.shape)
         y = torch.empty((fout, n))
         _check(_need_lib().lenet_bl_dense_forward(_ptr(x), _ptr(wt), _ptr(b), _ptr(y), fin, fout, n, act),
                "dense layer", x.shape, w.shape)
@@ -333,6 +365,8 @@ class BatchLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scores for x: float (N, C, H, W) images, or uint8 (N, H, W) ones (scaled by 1/255 here)."""
+        if x.device.type != "cpu" or x.dtype not in (torch.uint8, torch.float32):
+            raise TypeError(f"the batch-last kernels take float32 or uint8 CPU tensors, not {x.dtype} on {x.device}")
         n = x.shape[0]
         lanes = -n % LANES  # padded examples are zeros; their scores are dropped at the end
         first_pad = self.blocks[0][0].padding[0]
@@ -359,7 +393,7 @@ class BatchLast(nn.Module):
         return h
 
 
-def batch_last(model: nn.Module) -> tuple[BatchLast | None, str]:
+def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast | None, str]:
     """A :class:`BatchLast` runner for ``model``, or (None, why not)."""
     if not isinstance(model, nn.Sequential):
         return None, "the model is not an nn.Sequential"
@@ -393,9 +427,14 @@ def batch_last(model: nn.Module) -> tuple[BatchLast | None, str]:
         first = next((f"{name} ({type(m).__name__})" for name, m in list(model.named_children())[i:]), "?")
         return None, (f"its layer {first} is not one the batch-last kernels cover (they cover conv -> "
                       f"sigmoid/tanh/relu -> avg/max pool blocks)")
+    channels = [blocks[0][0].in_channels] + [b[0].out_channels for b in blocks]
+    if any(b[0].in_channels != c for b, c in zip(blocks, channels)):
+        return None, "its convolutions' channel counts do not chain (PyTorch would refuse it too)"
+    if any(d[0].in_features != p[0].out_features for d, p in zip(dense[1:], dense)):
+        return None, "its linear layers' sizes do not chain (PyTorch would refuse it too)"
     if next(model.parameters()).device.type != "cpu":
         return None, "the model is not on the CPU"
-    if library() is None:
+    if check_library and library() is None:
         return None, _problem or "the kernels are not available"
     return BatchLast(model, blocks, dense, i), ""
 

@@ -155,7 +155,7 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
     parameters, same function, its conv blocks and dense layers computed by the batch-last
     kernels. Anything else runs as is.
     """
-    if options.fast_conv is False or device.type != "cpu" or options.amp != "off":
+    if options.fast_conv is False or device.type != "cpu":  # (--amp applies to CUDA only)
         if options.fast_conv and device.type != "cpu":
             log(f"note: --fast-conv is for the CPU; {device.type} uses PyTorch's convolutions")
         return model, PYTORCH_CONV
@@ -237,6 +237,9 @@ class TrainStep:
         self.net, self.conv = conv_runner(model, device, options, log)
         enabled = options.compile if options.compile is not None else default_compile(device)
         if self.net is not model:  # the kernels' step runs eagerly; compiling the rest is not worth its start-up
+            if options.compile:
+                log("note: with lenet's CPU kernels the step runs eagerly; --no-fast-conv compiles "
+                    "PyTorch's convolutions instead")
             enabled = False
         if enabled:
             problem = compiler_problem(device)

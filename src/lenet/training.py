@@ -340,6 +340,8 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
         # A last batch too small to give every process an example would leave some with nothing
         # to train on; it is left out (the shuffle differs each epoch, so no example is lost for good).
         steps -= 1
+        if steps == 0:
+            raise ConfigError(f"the training set ({n} examples) is smaller than the {world.size} processes")
         log(f"note: each epoch leaves out its last {tail} shuffled example(s): too few for {world.size} processes")
     scheduler = make_schedule(cfg, optimizer, steps)
     shuffle = torch.Generator().manual_seed(cfg.seed)

@@ -70,8 +70,8 @@ static inline vec exp_poly(vec r) {  // e^r for |r| <= ln2/2
 #ifdef __AVX512F__
 #include <immintrin.h>
 static inline vec vexp(vec x) {
-    x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
-    x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+    x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;  // (written so that NaN stays NaN)
+    x = x < -88.3762626647949f ? splat(-88.3762626647949f) : x;
     vec fn = (vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vec r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
     return (vec)_mm512_scalef_ps((__m512)exp_poly(r), (__m512)fn);
@@ -82,8 +82,8 @@ static inline vec vrecip(vec d) {
 }
 #else
 static inline vec vexp(vec x) {
-    x = x < 88.3762626647949f ? x : splat(88.3762626647949f);
-    x = x > -88.3762626647949f ? x : splat(-88.3762626647949f);
+    x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;  // (written so that NaN stays NaN)
+    x = x < -88.3762626647949f ? splat(-88.3762626647949f) : x;
     vec fx = x * 1.44269504088896341f + 0.5f;
     ivec n = __builtin_convertvector(fx, ivec);              // truncates toward zero ...
     vec fn = __builtin_convertvector(n, vec);
@@ -107,7 +107,7 @@ static inline vec activate(vec z, int act) {
     switch (act) {
         case ACT_SIGMOID: return vrecip(1.0f + vexp(-z));
         case ACT_TANH: return 2.0f * vrecip(1.0f + vexp(-2.0f * z)) - 1.0f;
-        case ACT_RELU: return z > 0.0f ? z : splat(0.0f);
+        case ACT_RELU: return z < 0.0f ? splat(0.0f) : z;  // NaN stays NaN, as in PyTorch
         default: return z;
     }
 }
@@ -285,7 +285,7 @@ static void pool_chunk(const Map& a, const Map& p, int k, bool is_max) {
                 for (int di = 0; di < k; ++di)
                     for (int dj = (di == 0); dj < k; ++dj) {
                         vec v = load(a.at(c, i * k + di, j * k + dj));
-                        s = is_max ? (v > s ? v : s) : s + v;
+                        s = is_max ? ((v > s) | (v != v) ? v : s) : s + v;  // max: a NaN wins, as in PyTorch
                     }
                 store(p.at(c, i, j), is_max ? s : s * inv);
             }
@@ -317,7 +317,7 @@ static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, 
                         for (int di = 0; di < k; ++di)
                             for (int dj = 0; dj < k; ++dj) {
                                 vec v = load(a.at(c, i * k + di, j * k + dj));
-                                m = v > m ? v : m;
+                                m = (v > m) | (v != v) ? v : m;
                             }
                         ivec earlier = ivec{};
                         for (int di = 0; di < k; ++di)
