@@ -291,3 +291,31 @@ def test_amp_flag_on_the_cpu_does_not_turn_the_kernels_off():
     model = create_model("classic")
     runner, conv = engine.conv_runner(model, torch.device("cpu"), engine.EngineOptions(amp="bf16"), print)
     assert conv == engine.BATCH_LAST_CONV
+
+
+def _exercise_variants():
+    from lenet.compare import load_spec
+
+    from .conftest import REPO
+
+    return [(v.name, v.model, v.overrides) for v in load_spec(REPO / "experiments" / "exercises.toml").variants]
+
+
+@needs_kernels
+@pytest.mark.parametrize("name,preset,overrides", _exercise_variants())
+def test_every_exercise_variant_runs_on_the_kernels_and_equals_pytorch(name, preset, overrides):
+    """`lenet compare experiments/exercises.toml` trains each of these through the kernels."""
+    torch.manual_seed(0)
+    model = create_model(preset, **overrides)
+    runner, why = blconv.batch_last(model)
+    assert runner is not None, f"{name}: {why}"
+    x = torch.randint(0, 256, (37, 28, 28), dtype=torch.uint8)
+    want = model(x.unsqueeze(1).float() / 255.0)
+    want.square().mean().backward()
+    want_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    got = runner(x)
+    got.square().mean().backward()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for p, g in zip(model.parameters(), want_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-3, atol=1e-5)
