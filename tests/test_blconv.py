@@ -10,7 +10,15 @@ from lenet import blconv, engine
 from lenet.models import create_model
 from lenet.training import TrainConfig, train
 
-needs_kernels = pytest.mark.skipif(blconv.library() is None, reason=f"kernels unavailable: {blconv.problem()}")
+@pytest.fixture
+def _kernels():
+    """Skip where the kernels cannot be built. A fixture, not a collection-time check, so the
+    build goes to the test's own (isolated) cache, never the user's."""
+    if blconv.library() is None:
+        pytest.skip(f"kernels unavailable: {blconv.problem()}")
+
+
+needs_kernels = pytest.mark.usefixtures("_kernels")
 
 
 def _to_bl(x: torch.Tensor) -> torch.Tensor:

@@ -102,12 +102,13 @@ def library() -> ctypes.CDLL | None:
         return None
     from .data import cache_dir
 
-    key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode() + _cpu_signature().encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"blconv-{key}.so"
+    cpu = hashlib.sha256(_cpu_signature().encode()).hexdigest()[:8]
+    key = hashlib.sha256(SOURCE.read_bytes() + cxx.encode()).hexdigest()[:12]
+    target = cache_dir() / "kernels" / f"blconv-{cpu}-{key}.so"
     try:
         if not target.exists():
             _build(cxx, target)
-            for old in target.parent.glob("blconv-*.so"):  # builds of earlier sources or other CPUs
+            for old in target.parent.glob(f"blconv-{cpu}-*.so"):  # this CPU's builds of earlier sources
                 if old != target:
                     old.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(target))

@@ -223,6 +223,7 @@ static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, vec* gw)
 
 // ---- dispatch on the kernel size and the largest channel block that divides Cout --------------
 
+// The kernel sizes compiled in: keep KERNEL_SIZES in lenet/blconv.py the same.
 static bool supported(int K) { return K == 1 || K == 3 || K == 5 || K == 7; }
 
 template <int K>
@@ -415,13 +416,6 @@ struct Partials {
 };
 
 extern "C" {
-
-// Kernel sizes compiled in (lenet/blconv.py keeps the same list).
-int lenet_blconv_kernel_sizes(int* out, int n) {
-    const int ks[] = {1, 3, 5, 7};
-    for (int i = 0; i < n && i < 4; ++i) out[i] = ks[i];
-    return 4;
-}
 
 // out = act(conv(in) + bias); in: [Cin][Hin][Win][B], out: [Cout][Hin+2pad-K+1][Win-K+1][B].
 // Returns 0, or -1 for an unsupported kernel size or a batch that is not a multiple of 16.
