@@ -14,6 +14,7 @@ average over that epoch's batches as the weights changed; test accuracy is measu
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import platform
@@ -372,7 +373,15 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     if world.active:  # each rank evaluates its share of the test set; the counts are summed
         test_x, test_y = test_x[world.rank::world.size], test_y[world.rank::world.size]
-    options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp, cfg.fast_conv)
+    fast_conv = cfg.fast_conv
+    if world.active and fast_conv is not False:
+        # DistributedDataParallel needs the model itself (its hooks average the gradients), so the
+        # step cannot use the kernels' runner; evaluation does not either, so no rank builds or
+        # loads them while the others wait in a collective.
+        if fast_conv:
+            log("note: --fast-conv is not used under torchrun: DistributedDataParallel trains the model itself")
+        fast_conv = False
+    options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp, fast_conv)
     step = TrainStep(distributed.wrap(model, device, world), criterion, optimizer, scheduler, device,
                      options, log=log)
     evaluator = Evaluator(model, device, options, batch_size=cfg.eval_batch_size, log=log)
@@ -471,10 +480,14 @@ def _fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progre
                           f"continue with `lenet train --resume {run_dir}`") from None
     finally:
         bar.close()
+        engine = f"{'compiled' if step.compiling else 'eager'}, {step.conv}"  # how the step ran
         if joined:
+            # DistributedDataParallel (inside the step) must go before its process group: freed
+            # after destroy_process_group, its reducer aborted the process now and then at exit.
+            step = None
+            gc.collect()
             distributed.teardown()
 
-    engine = f"{'compiled' if step.compiling else 'eager'}, {step.conv}"
     result = TrainResult(cfg, model, history, curve, train_time, seen, device, run_dir, engine)
     if run_dir is not None:
         from .plots import plot_curves
