@@ -4,7 +4,7 @@ import json
 import sys
 
 from lenet.data import Dataset, Split, load_dataset
-from lenet.distributed import world
+from lenet.training.distributed import world
 from lenet.training import TrainConfig, train
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from lenet import blconv, engine
+from lenet.kernels import ops as blconv, engine
 from lenet.models import create_model
 from lenet.training import TrainConfig, train
 
@@ -302,7 +302,7 @@ def test_amp_flag_on_the_cpu_does_not_turn_the_kernels_off():
 
 
 def _exercise_variants():
-    from lenet.compare import load_spec
+    from lenet.experiments.compare import load_spec
 
     from .conftest import REPO
 

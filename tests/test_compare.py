@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import REPO, assert_user_error, run_cli
-from lenet.compare import MARKER, load_spec, parse_spec, run_spec
+from lenet.experiments.compare import MARKER, load_spec, parse_spec, run_spec
 from lenet.errors import ConfigError
 
 TINY = """
@@ -194,7 +194,7 @@ lr = 1000
 
 
 def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path, monkeypatch):
-    import lenet.runs
+    import lenet.training.runs
     from lenet.data import synthetic_dataset
     from lenet.errors import Interrupted
 
@@ -202,17 +202,17 @@ def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path, monkeypatch)
     data = synthetic_dataset(256, 64)
     reference = run_spec(parse_spec(text, "r.toml"), tmp_path / "reference", data=data)
 
-    real_save = lenet.runs.save_checkpoint
+    real_save = lenet.training.runs.save_checkpoint
 
     def save_then_ctrl_c(path, state):  # Ctrl-C right after the first epoch of b is saved
         real_save(path, state)
         if "b-seed0" in str(path):
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(lenet.runs, "save_checkpoint", save_then_ctrl_c)
+    monkeypatch.setattr(lenet.training.runs, "save_checkpoint", save_then_ctrl_c)
     with pytest.raises(Interrupted, match="interrupted during b-seed0.*repeat the command"):
         run_spec(parse_spec(text, "r.toml"), tmp_path / "out", data=data)
-    monkeypatch.setattr(lenet.runs, "save_checkpoint", real_save)
+    monkeypatch.setattr(lenet.training.runs, "save_checkpoint", real_save)
     assert json.loads((tmp_path / "out" / "runs" / "b-seed0" / MARKER).read_text())["status"] == "running"
 
     logs: list[str] = []

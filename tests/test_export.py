@@ -21,9 +21,9 @@ def run_dir(tmp_path_factory, mnist):
 
 def test_onnx_matches_pytorch_on_real_test_images(run_dir, mnist, tmp_path):
     from lenet.data import to_float
-    from lenet.evaluation import predict_scores
-    from lenet.export import read_metadata
-    from lenet.runs import load_run
+    from lenet.inspect.evaluation import predict_scores
+    from lenet.use.export import read_metadata
+    from lenet.training.runs import load_run
 
     out = tmp_path / "lenet.onnx"
     proc = run_cli("export", str(run_dir), "--format", "onnx", "--out", str(out))

@@ -11,10 +11,10 @@ from torch import nn
 
 from .conftest import assert_user_error, run_cli
 from lenet.errors import ConfigError
-from lenet.lenet5 import C3_TABLE, DIGIT_BITMAPS, LeNet5, digit_prototypes
+from lenet.models.lenet5 import C3_TABLE, DIGIT_BITMAPS, LeNet5, digit_prototypes
 from lenet.models import (LeNetConfig, MODELS, apply_overrides, build_lenet, create_model, param_count,
                           resolve_config)
-from lenet.summary import spatial_path, trace
+from lenet.models.summary import spatial_path, trace
 from lenet.training import TrainConfig, train
 
 PRESETS = sorted(MODELS)
@@ -380,7 +380,7 @@ def test_cli_train_with_overrides_and_num_classes(mnist, tmp_path):
 @pytest.mark.parametrize("name", ["modern", "lenet5"])
 def test_presets_round_trip_through_a_run_folder(name, tmp_path):
     from lenet.data import synthetic_dataset
-    from lenet.runs import load_run
+    from lenet.training.runs import load_run
 
     data = synthetic_dataset(n_train=64, n_test=32)
     result = train(TrainConfig.for_model(name, epochs=1, overrides={"num_classes": 11}), data=data,
@@ -393,7 +393,7 @@ def test_presets_round_trip_through_a_run_folder(name, tmp_path):
 
 
 def test_evaluate_counts_predictions_of_extra_output_units_as_wrong():
-    from lenet.evaluation import evaluate
+    from lenet.inspect.evaluation import evaluate
 
     class Fixed(nn.Module):  # predicts unit 15 for the first image, the true class for the others
         def forward(self, x):

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from .conftest import assert_user_error, run_cli
-from lenet.predict import SIZE, load_image, preprocess
+from lenet.use.predict import SIZE, load_image, preprocess
 from .trained import mnist_run, render_set, save_mnist_pngs
 
 
@@ -84,8 +84,8 @@ def test_font_rendered_digits_are_mostly_right(run_dir, tmp_path):
 
 
 def test_mnist_pngs_match_the_evaluation_path(run_dir, mnist, tmp_path):
-    from lenet.evaluation import predict_scores
-    from lenet.runs import load_run
+    from lenet.inspect.evaluation import predict_scores
+    from lenet.training.runs import load_run
 
     n = 40
     paths = save_mnist_pngs(tmp_path / "png", mnist.test.images, n)
@@ -157,7 +157,7 @@ def test_load_image_reads_16_bit_and_palette_images(tmp_path):
 
 def test_feature_layers_for_every_preset():
     from lenet.models import create_model
-    from lenet.predict import feature_layers
+    from lenet.use.predict import feature_layers
 
     assert feature_layers(create_model("classic")) == ["act1", "act2"]
     assert feature_layers(create_model("lenet5")) == ["f1", "f3"]

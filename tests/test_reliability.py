@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lenet import runs
+from lenet.training import runs
 from lenet.errors import CheckpointError, LenetError
 from lenet.models import create_model
 from lenet.training import TrainConfig, resume, train
@@ -199,9 +199,9 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["train", "--epochs", "-1"], ["argument --epochs: -1 must be at least 1"]),
+    (["train", "--epochs", "-1"], ["argument --epochs: -1 must be an integer >= 1"]),
     (["train", "--epochs", "ten"], ["argument --epochs: 'ten' is not an integer"]),
-    (["train", "--batch-size", "0"], ["argument --batch-size: 0 must be at least 1"]),
+    (["train", "--batch-size", "0"], ["argument --batch-size: 0 must be an integer >= 1"]),
     (["train", "--lr", "-0.1"], ["argument --lr: -0.1 must be a positive number"]),
     (["train", "--model", "alexnet"], ["unknown model 'alexnet'", "classic"]),
     (["train", "--dataset", "cifar10"], ["argument --dataset: invalid choice: 'cifar10'"]),
@@ -315,7 +315,7 @@ def test_cli_bad_checkpoint_on_resume(tiny_run):
 
 @pytest.mark.parametrize("args, fragments", [
     (["--resume", "RUN", "--epochs", "5", "--model", "modern"], ["drop --model, --epochs"]),
-    (["--optimizer", "momentum", "--momentum", "-1"], ["--momentum -1.0: must be in [0, 1)"]),
+    (["--optimizer", "momentum", "--momentum", "-1"], ["argument --momentum: -1 must be in [0, 1)"]),
 ])
 def test_cli_resume_flags_and_momentum(args, fragments, tiny_run):
     args = [str(tiny_run) if a == "RUN" else a for a in args]

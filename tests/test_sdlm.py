@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lenet.models import create_model
-from lenet.sdlm import SDLM
+from lenet.training.sdlm import SDLM
 from lenet.training import LECUN_PASSES, TrainConfig, make_optimizer, make_schedule
 
 

@@ -29,7 +29,7 @@ def run_dir(tmp_path_factory, mnist):
 
 @pytest.fixture(scope="module")
 def server(run_dir):
-    from lenet.serve import make_server, running
+    from lenet.use.serve import make_server, running
 
     srv = make_server(run_dir, "127.0.0.1", 0, max_upload=1_500_000, threads=None)
     with running(srv):
@@ -79,8 +79,8 @@ def test_info_and_static_assets_are_served_locally(server):
 
 
 def test_api_accuracy_equals_the_evaluation_on_300_test_images(server, run_dir, mnist):
-    from lenet.evaluation import evaluate
-    from lenet.runs import load_run
+    from lenet.inspect.evaluation import evaluate
+    from lenet.training.runs import load_run
 
     n = 300
     images, labels = mnist.test.images[:n], mnist.test.labels[:n]
@@ -141,7 +141,7 @@ def test_bad_uploads_get_a_clear_4xx_and_the_server_keeps_running(server, tmp_pa
 
 
 def test_load_test_zero_errors(server, tmp_path):
-    from lenet.loadtest import run_load
+    from lenet.use.loadtest import run_load
 
     path = render_set(tmp_path, variants=1)[7][0]
     report = run_load(server.url, path.read_bytes(), threads=8, requests_per_thread=25,
@@ -153,7 +153,7 @@ def test_load_test_zero_errors(server, tmp_path):
 
 def test_load_test_refuses_remote_targets():
     from lenet.errors import LenetError
-    from lenet.loadtest import run_load
+    from lenet.use.loadtest import run_load
 
     with pytest.raises(LenetError, match="only a server on this machine"):
         run_load("http://example.com:80/", b"x", threads=1, requests_per_thread=1)

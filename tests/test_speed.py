@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from lenet import engine
+from lenet.training import engine
 from lenet.data import synthetic_dataset
 from lenet.training import TrainConfig, train
 
@@ -125,7 +125,7 @@ def test_threads_one_per_physical_core(monkeypatch):
 
 
 def test_evaluator_matches_plain_accuracy():
-    from lenet.evaluation import accuracy
+    from lenet.inspect.evaluation import accuracy
     from lenet.models import create_model
 
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_bench_torchconv_arm_shows_what_the_kernels_add(tmp_path):
     assert [r["arm"] for r in result["runs"]] == ["plain", "torchconv", "engine"]
     convs = {r["arm"]: r.get("conv") for r in result["runs"]}
     assert convs["torchconv"] == engine.PYTORCH_CONV
-    from lenet import blconv
+    from lenet.kernels import ops as blconv
 
     if blconv.library() is not None:
         assert convs["engine"] == engine.BATCH_LAST_CONV

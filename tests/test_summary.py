@@ -1,7 +1,7 @@
 """The chapter's shape trace for the textbook LeNet."""
 
 from lenet.models import create_model, param_count
-from lenet.summary import format_table, spatial_path, trace
+from lenet.models.summary import format_table, spatial_path, trace
 
 from .conftest import run_cli
 

@@ -11,7 +11,7 @@ import torch
 
 from lenet.data import Dataset, Split, synthetic_dataset
 from lenet.errors import ConfigError, TrainingDiverged
-from lenet.runs import load_run
+from lenet.training.runs import load_run
 from lenet.training import TrainConfig, train
 
 from .conftest import needs_data, run_cli

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import nn
 
 from .conftest import assert_user_error, run_cli
-from lenet import visualize
+from lenet.inspect import visualize
 from lenet.data import synthetic_dataset
 from lenet.models import create_model
 
@@ -133,7 +133,7 @@ def test_lenet5_stages_are_c1_and_c3():
     import torch
 
     from lenet.models import create_model
-    from lenet.visualize import conv_stage_outputs
+    from lenet.inspect.visualize import conv_stage_outputs
 
     stages = conv_stage_outputs(create_model("lenet5"), torch.rand(2, 1, 28, 28))
     assert [(s.conv, tuple(s.maps.shape[1:])) for s in stages] == [("c1", (6, 28, 28)), ("c3", (16, 10, 10))]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LenetError
+from .options import COMPILE_MODES, DEVICE_HELP, OPTIMIZERS, PRECISIONS, SCHEDULES
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,24 +25,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+def _typed(rule: str, convert=int):
+    """An argparse type that converts a flag's text and checks it by its rule in lenet.options."""
+    from .options import problem
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if convert is int else 'a number'}") from None
+        why = problem(rule, value)
+        if why:
+            raise argparse.ArgumentTypeError(f"{text} {why}")
+        return value
+
+    parse.__name__ = rule  # argparse names the type in its messages
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
-    return value
+_positive_int = _typed("count")
+_positive_float = _typed("positive", float)
+
+
+def _choices(vocabulary: dict[str, str]) -> str:
+    return "; ".join(f"{name}: {text}" for name, text in vocabulary.items())
 
 
 def _key_value(text: str) -> tuple[str, str]:
@@ -61,10 +68,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training step (default: yes where a C++ compiler or, on CUDA, "
                         "triton is available; falls back to eager mode if compiling fails)")
-    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
-                   help="torch.compile mode; reduce-overhead and max-autotune use CUDA graphs on a GPU")
-    p.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
-                   help="mixed precision on CUDA (ignored on CPU; default off)")
+    p.add_argument("--compile-mode", default="default", choices=list(COMPILE_MODES),
+                   help=f"torch.compile mode ({_choices(COMPILE_MODES)})")
+    p.add_argument("--amp", default="off", choices=list(PRECISIONS),
+                   help=f"mixed precision on CUDA, ignored on CPU ({_choices(PRECISIONS)}; default off)")
     p.add_argument("--fast-conv", action=argparse.BooleanOptionalAction, default=None,
                    help="run conv layers through lenet's batch-last CPU kernels (default: yes on the CPU "
                         "where they build and cover the model; --no-fast-conv uses PyTorch's)")
@@ -74,7 +81,7 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 # lenet train
 
 
-def add_train(sub) -> None:
+def add_train(sub) -> argparse.ArgumentParser:
     from .data import DATASETS
 
     p = sub.add_parser("train", help="train a model (defaults: the textbook LeNet and recipe)",
@@ -90,15 +97,15 @@ def add_train(sub) -> None:
     p.add_argument("--epochs", type=_positive_int, default=None, help="default: the preset's recipe, else 10")
     p.add_argument("--lr", type=_positive_float, default=None, help="default: the preset's recipe, else 0.9")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="default: the preset's recipe, else 256")
-    p.add_argument("--optimizer", default=None, choices=["sgd", "momentum", "adam", "adamw", "sdlm"],
-                   help="sdlm: stochastic diagonal Levenberg-Marquardt (LeNet-5's). "
-                        "Default: the preset's recipe, else sgd")
-    p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer momentum (default 0.9)")
-    p.add_argument("--weight-decay", type=float, default=None, help="default: the preset's recipe, else 0")
-    p.add_argument("--schedule", default=None, choices=["constant", "cosine", "onecycle", "lecun"],
-                   help="lecun: the 1998 paper's steps per pass. Default: the preset's recipe, else constant")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS),
+                   help=f"{_choices(OPTIMIZERS)}. Default: the preset's recipe, else sgd")
+    p.add_argument("--momentum", type=_typed("unit", float), default=0.9, help="for --optimizer momentum (default 0.9)")
+    p.add_argument("--weight-decay", type=_typed("nonneg", float), default=None,
+                   help="default: the preset's recipe, else 0")
+    p.add_argument("--schedule", default=None, choices=list(SCHEDULES),
+                   help=f"{_choices(SCHEDULES)}. Default: the preset's recipe, else constant")
+    p.add_argument("--seed", type=_typed("seed"), default=0)
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<date>-<time>-<model>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--resume", metavar="RUN_DIR",
@@ -106,30 +113,36 @@ def add_train(sub) -> None:
                         "(only --data-root, --device and --no-progress apply)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch only)")
     _add_engine_flags(p)
+    return p
+
+
+RESUME_FLAGS = ("resume", "data_root", "device", "no_progress")  # what --resume still applies
+
+
+def _refuse_with_resume(args) -> None:
+    """--resume continues with the run's saved settings: any other train flag given is an error."""
+    from .errors import ConfigError
+
+    train_flags = add_train(_Parser(prog="lenet").add_subparsers())._actions  # the flags and their defaults
+    given = ["/".join(a.option_strings) if isinstance(a, argparse.BooleanOptionalAction) else a.option_strings[-1]
+             for a in train_flags if a.option_strings and a.dest not in (*RESUME_FLAGS, "help")
+             and getattr(args, a.dest) != a.default]
+    if given:
+        raise ConfigError(f"--resume {args.resume} continues the run with its saved settings: drop "
+                          f"{', '.join(given)} (only --data-root, --device and --no-progress apply)")
 
 
 def cmd_train(args) -> int:
-    from .distributed import world
+    from .training.distributed import world
     from .errors import ConfigError
-    from .runs import default_run_dir
+    from .training.runs import default_run_dir
     from .training import TrainConfig, resume, train
 
     if not world().is_main:  # under torchrun, rank 0 alone talks
         sys.stdout = open(os.devnull, "w")
     progress = not args.no_progress and sys.stderr.isatty() and world().is_main
     if args.resume:
-        defaults = (("--model", args.model, "classic"), ("--set", args.overrides, []),
-                    ("--dataset", args.dataset, "fashion-mnist"), ("--num-classes", args.num_classes, None),
-                    ("--epochs", args.epochs, None), ("--lr", args.lr, None), ("--batch-size", args.batch_size, None),
-                    ("--optimizer", args.optimizer, None), ("--momentum", args.momentum, 0.9),
-                    ("--weight-decay", args.weight_decay, None), ("--schedule", args.schedule, None),
-                    ("--seed", args.seed, 0), ("--out", args.out, None), ("--overwrite", args.overwrite, False),
-                    ("--compile/--no-compile", args.compile, None), ("--compile-mode", args.compile_mode, "default"),
-                    ("--amp", args.amp, "off"), ("--fast-conv/--no-fast-conv", args.fast_conv, None))
-        ignored = [flag for flag, value, default in defaults if value != default]
-        if ignored:
-            raise ConfigError(f"--resume {args.resume} continues the run with its saved settings: drop "
-                              f"{', '.join(ignored)} (only --data-root, --device and --no-progress apply)")
+        _refuse_with_resume(args)
         result = resume(args.resume, data_root=args.data_root, device=None if args.device == "auto" else args.device,
                         progress=progress, log=lambda s: print(s, flush=True))
         print(result.book_lines())
@@ -176,10 +189,10 @@ def add_evaluate(sub) -> None:
 
 def cmd_evaluate(args) -> int:
     from .data import load_dataset
-    from .evaluation import evaluate
-    from .plots import plot_confusion
-    from .runs import load_run
-    from .training import resolve_device
+    from .inspect.evaluation import evaluate
+    from .inspect.plots import plot_confusion
+    from .training.runs import load_run
+    from .options import resolve_device
 
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device)
@@ -204,7 +217,7 @@ def add_summary(sub) -> None:
 
 def cmd_summary(args) -> int:
     from .models import create_model, resolve_config
-    from .summary import format_table, spatial_path, trace
+    from .models.summary import format_table, spatial_path, trace
 
     model = create_model(args.model, **dict(args.overrides))
     cfg = resolve_config(args.model, dict(args.overrides))
@@ -288,7 +301,7 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .compare import load_spec, run_spec
+    from .experiments.compare import load_spec, run_spec
 
     spec = load_spec(args.spec)
     out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
@@ -316,7 +329,7 @@ def _figure_out(args, default_name: str) -> Path:
 
 def _load_run_and_data(args):
     from .data import load_dataset
-    from .runs import load_run
+    from .training.runs import load_run
 
     run = load_run(args.run_dir)
     return run, load_dataset(run.dataset, args.data_root)
@@ -345,7 +358,7 @@ def add_activations(sub) -> None:
 
 
 def cmd_activations(args) -> int:
-    from . import visualize
+    from .inspect import visualize
 
     run, data = _load_run_and_data(args)
     indices = args.index if args.index or args.classes else [0, 1]
@@ -366,8 +379,8 @@ def add_filters(sub) -> None:
 
 
 def cmd_filters(args) -> int:
-    from . import visualize
-    from .runs import load_run
+    from .inspect import visualize
+    from .training.runs import load_run
 
     run = load_run(args.run_dir)
     out = _figure_out(args, "filters.png")
@@ -387,7 +400,7 @@ def add_mistakes(sub) -> None:
 
 
 def cmd_mistakes(args) -> int:
-    from . import visualize
+    from .inspect import visualize
 
     run, data = _load_run_and_data(args)
     mistakes, wrong = visualize.confident_mistakes(run.model, data, args.count)
@@ -422,8 +435,8 @@ def add_predict(sub) -> None:
 def cmd_predict(args) -> int:
     import json
 
-    from .predict import Predictor, load_all, save_preprocessed
-    from .training import resolve_device
+    from .use.predict import Predictor, load_all, save_preprocessed
+    from .options import resolve_device
 
     predictor = Predictor.from_run(args.run_dir, resolve_device(args.device))
     images = load_all(args.images)  # fail fast: a bad file stops us before any prediction
@@ -454,7 +467,7 @@ def add_export(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from .export import export_onnx
+    from .use.export import export_onnx
 
     out = Path(args.out) if args.out else Path(args.run_dir) / "model.onnx"
     info = export_onnx(args.run_dir, out, opset=args.opset)
@@ -476,7 +489,7 @@ def add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from .serve import make_server
+    from .use.serve import make_server
 
     if not 0 <= args.port <= 65535:
         raise LenetError(f"--port {args.port}: must be between 0 and 65535")
@@ -528,10 +541,10 @@ def cmd_bench(args) -> int:
 
     import torch
 
-    from .bench import ARMS, BenchSpec, HEADER, compare, format_summary
+    from .experiments.bench import ARMS, BenchSpec, HEADER, compare, format_summary
     from .errors import ConfigError
     from .models import MODELS, resolve_config
-    from .training import TrainConfig, resolve_device
+    from .options import TrainConfig, resolve_device
 
     arms = tuple(a.strip() for a in args.arms.split(",") if a.strip())
     if not arms or any(a not in ARMS for a in arms):

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._util import atomic_write_bytes, cache_dir, to_float  # noqa: F401 (re-exported)
 from .errors import DataError, IdxFormatError
 
 DEBIAN_ROOT = Path("/usr/share/datasets")
@@ -203,14 +204,6 @@ def check_pair(images: np.ndarray, labels: np.ndarray, num_classes: int,
 # Where data lives
 
 
-def cache_dir() -> Path:
-    """lenet's cache folder: $LENET_CACHE_DIR, else $XDG_CACHE_HOME/lenet, else ~/.cache/lenet."""
-    if os.environ.get("LENET_CACHE_DIR"):
-        return Path(os.environ["LENET_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "lenet"
-
-
 def default_data_root() -> Path:
     return cache_dir() / "data"
 
@@ -310,13 +303,6 @@ def _download(url: str, timeout: float) -> bytes:
         return resp.read()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    from .runs import atomic_write_bytes
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-
-
 def fetch(name: str, data_root=None, *, timeout: float = 10.0, retries: int = 3,
           log=print) -> Path:
     """Make dataset ``name`` available; download what is missing from its mirrors. Returns its folder."""
@@ -355,7 +341,7 @@ def fetch(name: str, data_root=None, *, timeout: float = 10.0, retries: int = 3,
             if len(data) != f.size or _sha256(data) != f.sha256:
                 errors.append(f"{url}: checksum mismatch after download")
                 continue
-            _atomic_write(dest, blob)
+            atomic_write_bytes(dest, blob)
             break
         else:
             reason = errors[-1] if errors else "no mirror"
@@ -390,11 +376,6 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1], the book's scaling."""
-    return images.unsqueeze(1).to(torch.float32).div_(255.0)
 
 
 def _decoded_cache_path(f: FileSpec) -> Path:

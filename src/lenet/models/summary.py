@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .._util import eval_mode
+
 
 @dataclass
 class LayerRow:
@@ -37,18 +39,13 @@ def _macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
 def trace(model: nn.Module, input_shape: tuple[int, ...] = (1, 1, 28, 28)) -> list[LayerRow]:
     """Run one (random) input through ``model``'s top-level layers and record each layer."""
     rows: list[LayerRow] = []
-    was_training = model.training
-    model.eval()
     x = torch.rand(input_shape)
-    try:
-        with torch.no_grad():
-            for name, layer in model.named_children():
-                y = layer(x)
-                params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
-                rows.append(LayerRow(name, type(layer).__name__, tuple(y.shape), params, _macs(layer, x, y)))
-                x = y
-    finally:
-        model.train(was_training)
+    with torch.no_grad(), eval_mode(model):
+        for name, layer in model.named_children():
+            y = layer(x)
+            params = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+            rows.append(LayerRow(name, type(layer).__name__, tuple(y.shape), params, _macs(layer, x, y)))
+            x = y
     return rows
 
 

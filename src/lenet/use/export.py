@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .errors import LenetError
+from .. import __version__
+from ..errors import LenetError
 
 INPUT_NAME = "image"
 OUTPUT_NAME = "scores"
@@ -59,7 +59,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, opset: in
     _require_exporter()
     import onnx
 
-    from .runs import atomic_write_bytes, load_run
+    from ..training.runs import atomic_write_bytes, load_run
 
     out = Path(out)
     run = load_run(run_dir, "cpu")

@@ -23,6 +23,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from .._util import eval_mode
+
 
 class SDLM(torch.optim.Optimizer):
     """Per-parameter step lr / (mu + h_kk) on the gradient (see the module docstring)."""
@@ -58,9 +60,7 @@ class SDLM(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.requires_grad]
         sums = [torch.zeros_like(p) for p in params]
         outputs_of = getattr(model, "curvature_outputs", None) or model
-        was_training = model.training
-        model.eval()  # the curvature of the network as it is, without dropout noise
-        try:
+        with eval_mode(model):  # the curvature of the network as it is, without dropout noise
             for start in range(0, images.shape[0], chunk):
                 out = outputs_of(images[start:start + chunk])
                 signs = torch.randint(0, 2, out.shape, device=out.device).to(out.dtype) * 2 - 1
@@ -68,8 +68,6 @@ class SDLM(torch.optim.Optimizer):
                 for s, g in zip(sums, grads):
                     if g is not None:
                         s.add_(g.square())
-        finally:
-            model.train(was_training)
         n = max(images.shape[0], 1)
         for p, s in zip(params, sums):
             self.state[p]["h"] = s.mul_(self.output_curvature / n)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from .errors import CheckpointError, LenetError
+from .._util import atomic_write_bytes
+from ..errors import CheckpointError, LenetError
 
 CONFIG = "config.json"
 METRICS = "metrics.csv"
@@ -73,20 +73,6 @@ def prepare_run_dir(path: str | os.PathLike, *, overwrite: bool = False, resume:
         raise LenetError(f"cannot write to run folder {path}: {exc.strerror or exc}; "
                          "choose a writable --out") from None
     return path
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file, fsync and rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -231,7 +217,7 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 def load_run(run_dir: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedRun:
     """Rebuild a trained model from its run folder (config.json + model.safetensors)."""
-    from .models import build_from_dict
+    from ..models import build_from_dict
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 ARMS = ("plain", "torchconv", "engine")
@@ -53,7 +54,7 @@ class BenchSpec:
 
 
 def _data(spec: BenchSpec):
-    from .data import load_dataset, synthetic_dataset
+    from ..data import load_dataset, synthetic_dataset
 
     if spec.quick:
         return synthetic_dataset(n_train=4 * spec.batch_size + 17, n_test=512, seed=spec.seed)
@@ -84,10 +85,10 @@ def run_plain(spec: BenchSpec) -> dict[str, Any]:
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from .data import to_float
-    from .engine import configure_threads
-    from .models import get_entry, resolve_config
-    from .training import resolve_device
+    from ..data import to_float
+    from ..training.engine import configure_threads
+    from ..models import get_entry, resolve_config
+    from ..options import resolve_device
 
     configure_threads()
     device = resolve_device(spec.device)
@@ -149,8 +150,8 @@ def run_engine(spec: BenchSpec) -> dict[str, Any]:
     """lenet's engine: :func:`lenet.training.train` (what ``lenet train`` runs) and its evaluator."""
     import torch
 
-    from .engine import EngineOptions, Evaluator
-    from .training import TrainConfig, train
+    from ..training.engine import EngineOptions, Evaluator
+    from ..training import TrainConfig, train
 
     data = _data(spec)
     cfg = TrainConfig(model=spec.model, overrides=dict(spec.overrides), dataset=data.name,
@@ -191,17 +192,17 @@ def _best_rate(fn: Callable[[], Any], n: int, device, repeats: int = 3) -> float
 
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
-    src = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    src = str(Path(__file__).resolve().parents[2])  # the folder holding the lenet package
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
 def run_arm(arm: str, spec: BenchSpec) -> dict[str, Any]:
     """Run one arm in a fresh Python process and return its measurements."""
-    from .errors import LenetError
+    from ..errors import LenetError
 
     payload = json.dumps({"arm": arm, "spec": spec.__dict__})
-    proc = subprocess.run([sys.executable, "-m", "lenet.bench", payload], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "lenet.experiments.bench", payload], capture_output=True, text=True,
                           env=_child_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -288,7 +289,7 @@ def format_summary(result: dict[str, Any]) -> str:
 
 
 def _child(payload: str) -> int:
-    from .errors import LenetError
+    from ..errors import LenetError
 
     msg = json.loads(payload)
     spec = BenchSpec(**msg["spec"])

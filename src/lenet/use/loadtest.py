@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
-from .errors import LenetError
+from ..errors import LenetError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import ImageError
+from ..errors import ImageError
 
 SIZE = 28
 DIGIT_BOX = 20
@@ -234,7 +234,7 @@ class Prediction:
 def feature_layers(model: nn.Module, count: int = 2, size: int = 28) -> list[str]:
     """Names of the layers whose outputs are the first ``count`` conv stages' activation maps (the
     same layers ``lenet activations`` shows: after the squashing function, for any preset)."""
-    from .visualize import VisualizeError, conv_stage_outputs
+    from ..inspect.visualize import VisualizeError, conv_stage_outputs
 
     try:
         with torch.no_grad():
@@ -264,7 +264,7 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, device: torch.device | str = "cpu",
                  mode: str | None = None) -> "Predictor":
-        from .runs import load_run
+        from ..training.runs import load_run
 
         run = load_run(run_dir, device)
         return cls(run.model, run.classes, dataset=run.dataset, model_name=run.config["model"],
@@ -324,7 +324,7 @@ def save_preprocessed(prepared: Sequence[Prepared], path: str | os.PathLike) -> 
     """Save exactly what the network saw: one 28x28 tile per image, side by side, as a grey PNG."""
     from PIL import Image
 
-    from .runs import atomic_write_bytes
+    from ..training.runs import atomic_write_bytes
 
     path = Path(path)
     strip = np.concatenate([p.pixels for p in prepared], axis=1)

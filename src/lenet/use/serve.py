@@ -41,8 +41,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from .errors import ImageError, LenetError
-from .predict import CorruptImageError, ImageTooLargeError, NotAnImageError, Predictor, decode_image
+from ..errors import ImageError, LenetError
+from ..use.predict import CorruptImageError, ImageTooLargeError, NotAnImageError, Predictor, decode_image
 
 DEFAULT_MAX_UPLOAD = 4 * 1024 * 1024
 DRAIN_LIMIT = 64 * 1024 * 1024  # bodies up to this size are read and dropped before a 413
@@ -66,7 +66,7 @@ class ApiError(Exception):
 def load_static() -> dict[str, tuple[bytes, str]]:
     """The packaged static files, by URL path, with their content types."""
     files: dict[str, tuple[bytes, str]] = {}
-    root = resources.files("lenet") / "static"
+    root = resources.files("lenet.use") / "static"
     for entry in root.iterdir():
         suffix = "." + entry.name.rsplit(".", 1)[-1] if "." in entry.name else ""
         if entry.is_file() and suffix in CONTENT_TYPES:

@@ -24,9 +24,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .data import Dataset, to_float
-from .errors import LenetError
-from .plots import _pyplot
+from .._util import eval_mode, to_float
+from ..data import Dataset
+from ..errors import LenetError
+from ..inspect.plots import _pyplot
 
 
 class VisualizeError(LenetError):
@@ -93,12 +94,10 @@ def conv_stage_outputs(model: nn.Module, images: torch.Tensor, stages: int = 2) 
     outputs: dict[str, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda m, i, o, name=name: outputs.__setitem__(name, o))
              for name, layer in children]
-    was_training = model.training
-    model.eval()
     try:
-        model(images)
+        with eval_mode(model):
+            model(images)
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     result: list[StageMaps] = []
@@ -135,13 +134,8 @@ def first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
 
 
 def _softmax_predictions(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        try:
-            probs = torch.softmax(model(images).float(), dim=1)
-        finally:
-            model.train(was)
+    with torch.no_grad(), eval_mode(model):
+        probs = torch.softmax(model(images).float(), dim=1)
     conf, pred = probs.max(dim=1)
     return pred, conf
 
@@ -233,7 +227,7 @@ def confident_mistakes(model: nn.Module, data: Dataset, count: int = 16, *,
                        device: torch.device | str = "cpu") -> tuple[list[Mistake], int]:
     """The ``count`` misclassified test images with the highest softmax confidence; and how many
     test images are misclassified in all."""
-    from .evaluation import predict_scores
+    from ..inspect.evaluation import predict_scores
 
     scores = predict_scores(model, data.test.images, device=device).cpu()
     probs = torch.softmax(scores, dim=1)

@@ -1,6 +1,6 @@
 """The fast path of training and evaluation: one optimisation step and one evaluation pass.
 
-:func:`lenet.training.train` owns the epochs (shuffling, metrics, checkpoints); this module owns
+:func:`lenet.training.loop.train` owns the epochs (shuffling, metrics, checkpoints); this module owns
 what happens to one batch, which is where the time goes:
 
 * batches are uint8 slices of the resident dataset; the uint8 -> float scaling happens inside the
@@ -14,7 +14,7 @@ what happens to one batch, which is where the time goes:
 * on a GPU: optional autocast (bf16/fp16, fp16 with a gradient scaler) and CUDA graphs via
   ``torch.compile(mode="reduce-overhead")`` or ``"max-autotune"``;
 * on the CPU, LeNet-style models run their conv blocks (conv, activation, pooling) and dense
-  layers through the batch-last kernels of :mod:`lenet.blconv` (the whole step ~2.3x faster
+  layers through the batch-last kernels of :mod:`lenet.kernels.ops` (the whole step ~2.3x faster
   than with PyTorch's compiled convolutions), built once per machine with the system C++
   compiler. That step runs eagerly: what is left to compile is not worth the
   compilation's start-up. Where the kernels cannot be built or do not cover a model, PyTorch's
@@ -34,22 +34,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
-AMP_DTYPES = ("off", "bf16", "fp16")
-
-
-def _to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1] (the same as :func:`lenet.data.to_float`)."""
-    return images.unsqueeze(1).to(torch.float32) / 255.0
+from .._util import eval_mode, to_float
+from ..errors import ConfigError
+from ..options import COMPILE_MODES, flag, problem
+from ..options import PRECISIONS as AMP_DTYPES
 
 
 def _scores(model: nn.Module, x: torch.Tensor, device: torch.device, amp: str) -> torch.Tensor:
     """float32 class scores for uint8 images, under autocast when ``amp`` asks for it."""
     ctx = _autocast(device, amp)
     if ctx is None:
-        return model(x) if getattr(model, "takes_uint8", False) else model(_to_float(x))
+        return model(x) if getattr(model, "takes_uint8", False) else model(to_float(x))
     with ctx:
-        return model(_to_float(x)).float()
+        return model(to_float(x)).float()
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,7 +103,7 @@ def compiler_problem(device: torch.device) -> str | None:
 def use_compile_cache() -> None:
     """Keep inductor's compiled kernels in lenet's cache folder (unless the user chose one)."""
     if not os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
-        from .data import cache_dir
+        from .._util import cache_dir
 
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
@@ -128,14 +125,10 @@ class EngineOptions:
 
     def __init__(self, compile: bool | None = None, compile_mode: str = "default", amp: str = "off",
                  fast_conv: bool | None = None):
-        if compile_mode not in COMPILE_MODES:
-            from .errors import ConfigError
-
-            raise ConfigError(f"--compile-mode {compile_mode!r}: choose one of {', '.join(COMPILE_MODES)}")
-        if amp not in AMP_DTYPES:
-            from .errors import ConfigError
-
-            raise ConfigError(f"--amp {amp!r}: choose one of {', '.join(AMP_DTYPES)}")
+        for name, rule, value in (("compile_mode", COMPILE_MODES, compile_mode), ("amp", AMP_DTYPES, amp)):
+            why = problem(rule, value)
+            if why:
+                raise ConfigError(f"{flag(name)} {value!r}: {why}")
         self.compile = compile
         self.compile_mode = compile_mode
         self.amp = amp
@@ -151,7 +144,7 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
     """(what to call instead of ``model``, which convolutions it uses).
 
     On the CPU, a LeNet-style ``nn.Sequential`` (conv -> sigmoid/tanh/relu -> avg/max pool blocks,
-    a flatten, linear layers, then anything) runs through :class:`lenet.blconv.BatchLast`: same
+    a flatten, linear layers, then anything) runs through :class:`lenet.kernels.ops.BatchLast`: same
     parameters, same function, its conv blocks and dense layers computed by the batch-last
     kernels. Anything else runs as is.
     """
@@ -159,7 +152,7 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
         if options.fast_conv and device.type != "cpu":
             log(f"note: --fast-conv is for the CPU; {device.type} uses PyTorch's convolutions")
         return model, PYTORCH_CONV
-    from . import blconv
+    from ..kernels import ops as blconv
 
     runner, why = blconv.batch_last(model)
     if runner is None:
@@ -324,25 +317,20 @@ class Evaluator:
 
     def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Number of correct predictions (an int64 device tensor; no host sync)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            total = torch.zeros((), dtype=torch.int64, device=self.device)
-            with torch.no_grad():
-                for start in range(0, images.shape[0], self.batch_size):
-                    x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
-                    y = labels[start:start + self.batch_size].to(self.device, non_blocking=True)
-                    fn, compiled = self._count.pick(x)
-                    try:
-                        total += fn(x, y)
-                    except Exception as exc:  # noqa: BLE001
-                        if not compiled:
-                            raise
-                        self._count.fail(exc)
-                        total += self._count_correct(x, y)
-            return total
-        finally:
-            self.model.train(was_training)
+        total = torch.zeros((), dtype=torch.int64, device=self.device)
+        with torch.no_grad(), eval_mode(self.model):
+            for start in range(0, images.shape[0], self.batch_size):
+                x = images[start:start + self.batch_size].to(self.device, non_blocking=True)
+                y = labels[start:start + self.batch_size].to(self.device, non_blocking=True)
+                fn, compiled = self._count.pick(x)
+                try:
+                    total += fn(x, y)
+                except Exception as exc:  # noqa: BLE001
+                    if not compiled:
+                        raise
+                    self._count.fail(exc)
+                    total += self._count_correct(x, y)
+        return total
 
     def accuracy(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         return self.correct(images, labels).item() / max(1, images.shape[0])

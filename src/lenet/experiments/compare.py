@@ -23,16 +23,16 @@ from those folders, so a repeated command skips the runs that finished (a ``comp
 run folder records the settings it was trained with), continues an interrupted run from its last
 epoch checkpoint, and redoes a run whose settings changed.
 
-    >>> from lenet.compare import load_spec, run_spec
+    >>> from lenet.experiments.compare import load_spec, run_spec
     >>> spec = load_spec("experiments/exercises.toml")
     >>> rows = run_spec(spec, "results/exercises")
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
-import math
 import re
 import statistics
 import sys
@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, Interrupted, LenetError, TrainingDiverged
+from ..errors import ConfigError, Interrupted, LenetError, TrainingDiverged
+from ..options import OPTIMIZERS, RULES, SCHEDULES, TrainConfig, problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -48,64 +49,51 @@ else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 MARKER = "compare.json"
-from .training import OPTIMIZERS, SCHEDULES  # noqa: E402  (the same choices as lenet train)
 
-# key -> (kind, default). Kinds: str, int (>= 1), float (> 0), nonneg (float >= 0), seeds, table, limit
-KEYS: dict[str, tuple[str, Any]] = {
+# The keys of a spec: a variant's recipe is a TrainConfig (these fields of it, with the same
+# checks as `lenet train`'s flags), plus its model settings (`set`) and what only a spec has.
+TRAIN_KEYS = ("model", "dataset", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "schedule")
+SPEC_KEYS: dict[str, tuple[str, Any]] = {  # key -> (kind, default)
     "description": ("text", ""),
-    "model": ("str", "classic"),
     "set": ("table", {}),
-    "dataset": ("str", "fashion-mnist"),
-    "epochs": ("int", 10),
-    "lr": ("float", 0.9),
-    "batch_size": ("int", 256),
-    "optimizer": ("str", "sgd"),
-    "momentum": ("nonneg", 0.9),
-    "weight_decay": ("nonneg", 0.0),
-    "schedule": ("str", "constant"),
     "seeds": ("seeds", [0]),
     "train_limit": ("limit", None),  # train on the first N training images (for quick tests)
     "test_limit": ("limit", None),   # evaluate on the first N test images
 }
+KEYS = (*TRAIN_KEYS[:2], "set", *TRAIN_KEYS[2:], *(k for k in SPEC_KEYS if k != "set"))
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
 @dataclass
 class Variant:
-    """One row of the comparison: a model + training recipe, trained once per seed."""
+    """One row of the comparison: a recipe with its model settings, trained once per seed.
+
+    ``v.lr``, ``v.model``, ``v.overrides``, ...: the fields of ``v.config``.
+    """
 
     name: str
     description: str
-    model: str
-    overrides: dict[str, Any]
-    dataset: str
-    epochs: int
-    lr: float
-    batch_size: int
-    optimizer: str
-    momentum: float
-    weight_decay: float
-    schedule: str
+    config: TrainConfig  # the recipe; config.overrides holds the model settings (`set`)
     seeds: list[int]
     train_limit: int | None = None
     test_limit: int | None = None
 
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("__") or key == "config":
+            raise AttributeError(key)
+        return getattr(self.config, key)
+
     def settings(self, seed: int) -> dict[str, Any]:
         """What a run of this variant is trained with (stored in its compare.json)."""
-        return {"model": self.model, "set": self.overrides, "dataset": self.dataset,
-                "epochs": self.epochs, "lr": self.lr, "batch_size": self.batch_size,
-                "optimizer": self.optimizer, "momentum": self.momentum,
-                "weight_decay": self.weight_decay, "schedule": self.schedule, "seed": seed,
+        c = self.config
+        return {"model": c.model, "set": c.overrides, "dataset": c.dataset, "epochs": c.epochs, "lr": c.lr,
+                "batch_size": c.batch_size, "optimizer": c.optimizer, "momentum": c.momentum,
+                "weight_decay": c.weight_decay, "schedule": c.schedule, "seed": seed,
                 "train_limit": self.train_limit, "test_limit": self.test_limit}
 
-    def train_config(self, seed: int, data_root: str | None, device: str = "auto"):
-        from .training import TrainConfig
-
-        return TrainConfig(model=self.model, overrides=dict(self.overrides), dataset=self.dataset,
-                           data_root=data_root, epochs=self.epochs, lr=self.lr,
-                           batch_size=self.batch_size, optimizer=self.optimizer,
-                           momentum=self.momentum, weight_decay=self.weight_decay,
-                           schedule=self.schedule, seed=seed, device=device)
+    def train_config(self, seed: int, data_root: str | None, device: str = "auto") -> TrainConfig:
+        return dataclasses.replace(self.config, overrides=dict(self.config.overrides), seed=seed,
+                                   data_root=data_root, device=device)
 
     def run_name(self, seed: int) -> str:
         return f"{self.name}-seed{seed}"
@@ -121,27 +109,33 @@ class Spec:
 # --------------------------------------------------------------------------------------------
 # Parsing and validation
 
+_DEFAULTS = TrainConfig()
+
+
+def _check_train_value(key: str, value: Any) -> tuple[Any, str | None]:
+    """(the value as TrainConfig holds it, what is wrong with it or None)."""
+    default = getattr(_DEFAULTS, key)
+    if isinstance(default, str):
+        return value, None if isinstance(value, str) and value else "expected a string"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value, "expected an integer" if isinstance(default, int) else "expected a number"
+    if isinstance(default, float):
+        value = float(value)
+    return value, problem(RULES[key], value) if key in RULES else None
+
 
 def _check_value(where: str, key: str, value: Any, kind: str) -> Any:
     def bad(expected: str) -> ConfigError:
         return ConfigError(f"{where}: {key} = {value!r}: expected {expected}")
 
-    if kind in ("str", "text"):
-        if not isinstance(value, str) or (kind == "str" and not value):
+    if kind == "text":
+        if not isinstance(value, str):
             raise bad("a string")
         return value
-    if kind in ("int", "limit"):
+    if kind == "limit":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise bad("an integer >= 1")
         return value
-    if kind in ("float", "nonneg"):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise bad("a number")
-        if kind == "float" and value <= 0:
-            raise bad("a positive number")
-        if kind == "nonneg" and value < 0:
-            raise bad("a number >= 0")
-        return float(value)
     if kind == "seeds":
         if isinstance(value, int) and not isinstance(value, bool):
             value = [value]
@@ -151,15 +145,13 @@ def _check_value(where: str, key: str, value: Any, kind: str) -> Any:
         if len(set(value)) != len(value):
             raise bad("distinct seeds")
         return list(value)
-    if kind == "table":
-        if not isinstance(value, dict):
-            raise bad('a table of model settings, e.g. { pool = "max" }')
-        for k, v in value.items():
-            if isinstance(v, dict) or (isinstance(v, list) and any(not isinstance(x, int) or isinstance(x, bool)
-                                                                   for x in v)):
-                raise ConfigError(f"{where}: set.{k} = {v!r}: expected a number, string, or list of integers")
-        return dict(value)
-    raise AssertionError(kind)
+    if not isinstance(value, dict):  # kind == "table"
+        raise bad('a table of model settings, e.g. { pool = "max" }')
+    for k, v in value.items():
+        if isinstance(v, dict) or (isinstance(v, list) and any(not isinstance(x, int) or isinstance(x, bool)
+                                                               for x in v)):
+            raise ConfigError(f"{where}: set.{k} = {v!r}: expected a number, string, or list of integers")
+    return dict(value)
 
 
 def _check_table(where: str, table: Any) -> dict[str, Any]:
@@ -167,20 +159,27 @@ def _check_table(where: str, table: Any) -> dict[str, Any]:
         raise ConfigError(f"{where}: expected a table of settings, got {table!r}")
     out = {}
     for key, value in table.items():
-        if key not in KEYS:
+        if key in TRAIN_KEYS:
+            value, why = _check_train_value(key, value)
+            if why and not why.startswith("choose"):  # vocabularies are checked once merged
+                raise ConfigError(f"{where}: {key} = {table[key]!r}: {why}")
+            out[key] = value
+        elif key in SPEC_KEYS:
+            out[key] = _check_value(where, key, value, SPEC_KEYS[key][0])
+        else:
             hint = (" (a variant name with a dot must be quoted: [variants.\"lr0.3\"])"
                     if isinstance(value, dict) else "")
             raise ConfigError(f"{where}: unknown key {key!r}{hint}; known keys are {', '.join(KEYS)}")
-        out[key] = _check_value(where, key, value, KEYS[key][0])
     return out
 
 
 def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str, Any]) -> Variant:
-    from .data import DATASETS
-    from .models import MODELS, resolve_config
+    from ..data import DATASETS
+    from ..models import MODELS, resolve_config
 
     where = f"{path}: variant {name!r}"
-    merged = {key: default for key, (_, default) in KEYS.items()}
+    merged = {key: default for key, (_, default) in SPEC_KEYS.items()}
+    merged.update({key: getattr(_DEFAULTS, key) for key in TRAIN_KEYS})
     merged.update(defaults)
     merged.update(own)
     merged["set"] = {**defaults.get("set", {}), **own.get("set", {})}
@@ -198,11 +197,12 @@ def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str
         resolve_config(merged["model"], dict(merged["set"]))
     except ConfigError as exc:
         raise ConfigError(f"{where}: set = {merged['set']!r}: {exc}") from None
-    return Variant(name=name, description=merged["description"], model=merged["model"],
-                   overrides=dict(merged["set"]), dataset=merged["dataset"], epochs=merged["epochs"],
-                   lr=merged["lr"], batch_size=merged["batch_size"], optimizer=merged["optimizer"],
-                   momentum=merged["momentum"], weight_decay=merged["weight_decay"],
-                   schedule=merged["schedule"], seeds=merged["seeds"],
+    config = TrainConfig(overrides=dict(merged["set"]), **{key: merged[key] for key in TRAIN_KEYS})
+    try:
+        config.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return Variant(name=name, description=merged["description"], config=config, seeds=merged["seeds"],
                    train_limit=merged["train_limit"], test_limit=merged["test_limit"])
 
 
@@ -282,7 +282,7 @@ class RunOutcome:
 
 def finished_run(run_dir: Path, settings: dict[str, Any]) -> RunOutcome | None:
     """The outcome of a finished run in ``run_dir`` trained with ``settings``, else None."""
-    from . import runs
+    from ..training import runs
 
     try:
         marker = json.loads((run_dir / MARKER).read_text())
@@ -305,7 +305,7 @@ def finished_run(run_dir: Path, settings: dict[str, Any]) -> RunOutcome | None:
 
 def _checkpoint_epoch(run_dir: Path, settings: dict[str, Any]) -> int:
     """The last saved epoch of an interrupted run of these ``settings`` in ``run_dir``, else 0."""
-    from . import runs
+    from ..training import runs
 
     try:
         marker = json.loads((run_dir / MARKER).read_text())
@@ -325,7 +325,7 @@ class _DataCache:
         self.data_root, self.log, self.full = data_root, log, {}
 
     def get(self, v: Variant):
-        from .data import Dataset, Split, load_dataset
+        from ..data import Dataset, Split, load_dataset
 
         if v.dataset not in self.full:
             self.full[v.dataset] = load_dataset(v.dataset, self.data_root, log=self.log)
@@ -344,8 +344,8 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
 
     Returns the table rows. ``data`` (a Dataset) replaces loading the variants' datasets (tests).
     """
-    from . import runs
-    from .training import resume, train
+    from ..training import runs
+    from ..training import resume, train
 
     log = log or (lambda s: None)
     out = Path(out)
@@ -441,8 +441,8 @@ def model_size(v: Variant) -> tuple[int, int]:
 def _model_size(model_name: str, overrides_json: str) -> tuple[int, int]:
     import torch
 
-    from .models import create_model, param_count
-    from .summary import trace
+    from ..models import create_model, param_count
+    from ..models.summary import trace
 
     torch.manual_seed(0)
     model = create_model(model_name, **json.loads(overrides_json))
@@ -522,8 +522,8 @@ def mean_curves(spec: Spec, outcomes: dict[str, list[RunOutcome]]) -> dict[str, 
 
 def write_results(spec: Spec, rows: list[VariantRow], outcomes: dict[str, list[RunOutcome]], out: Path,
                   pending: int = 0) -> None:
-    from . import runs
-    from .plots import plot_comparison
+    from ..training import runs
+    from ..inspect.plots import plot_comparison
 
     runs.write_csv(out / "results.csv", CSV_FIELDS, [_csv_row(r) for r in rows])
     runs.atomic_write_bytes(out / "results.md", format_markdown(spec, rows, pending).encode())

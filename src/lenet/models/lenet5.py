@@ -17,7 +17,7 @@ model of the toolkit), and carries the paper's loss as its ``criterion`` attribu
     E = y_correct + log(exp(-j) + sum_i exp(-y_i))
 
 where y_i are the RBF penalties (squared Euclidean distances). Weights (and biases) are drawn
-uniformly in +-2.4 / fan-in. The choices the paper leaves open are listed in README.md ("lenet5: LeCun et al. 1998 as published").
+uniformly in +-2.4 / fan-in. The choices the paper leaves open are listed in docs/models.md.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError
-from .models import ScaledTanh, Subsampling, register
+from ..errors import ConfigError
+from .layers import ScaledTanh, Subsampling, lecun_uniform_
+from .registry import register
 
 # C3 reads these S2 maps (the paper's table I).
 C3_TABLE: tuple[tuple[int, ...], ...] = (
@@ -191,13 +192,9 @@ class LeNet5(nn.Sequential):
         """Uniform in +-2.4 / fan-in for every weight and bias (a bias is a weight on a constant 1)."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = 2.4 / m.weight[0].numel()
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.uniform_(m.bias, -bound, bound)
+                lecun_uniform_(m, m.weight[0].numel())
             elif isinstance(m, Subsampling):  # each unit sums 4 inputs through one coefficient
-                bound = 2.4 / (m.size * m.size)
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.uniform_(m.bias, -bound, bound)
+                lecun_uniform_(m, m.size * m.size)
             elif isinstance(m, PartialConv2d):
                 bounds = (2.4 / m.fan_in.float())
                 per_conn = bounds[m.out_index.cpu()].view(-1, 1, 1)
@@ -227,7 +224,7 @@ def build_lenet5(cfg: LeNet5Config) -> LeNet5:
 
 
 # The paper's 20 passes; its stochastic diagonal Levenberg-Marquardt is replaced by the recipe
-# below (see README.md ("lenet5: LeCun et al. 1998 as published") for why and for the measured result).
+# below (see docs/models.md for why and for the measured result).
 RECIPE = {"epochs": 20, "lr": 1e-3, "optimizer": "adam", "schedule": "cosine", "batch_size": 32}
 
 register("lenet5", "LeCun et al. 1998 as published: 32x32 input, partial C3, scaled tanh, fixed RBF output",

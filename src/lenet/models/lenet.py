@@ -1,81 +1,27 @@
-"""The LeNet family: a config dataclass, a builder, and a registry of named presets.
+"""The LeNet family as one configurable network: the textbook ``classic`` and its ``modern``
+sibling, and every ``--set`` variant in between.
 
 Every model is a plain ``nn.Sequential`` with named layers (``conv1``, ``act1``, ``pool1``, ...,
 ``fc1``, ..., ``out``) so that a layer-by-layer trace, activation hooks and export work the same
 for all of them. Models take images as float tensors of shape (N, 1, 28, 28) with pixels in
 [0, 1] and return one score per class (higher is more likely).
-
-    >>> from lenet.models import create_model
-    >>> net = create_model("classic")                # the textbook LeNet
-    >>> net = create_model("classic", pool="max")   # an exercise variant
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .layers import ACTIVATIONS, ChannelLayerNorm, Subsampling, lecun_uniform_, make_activation
+from .registry import register
 
-ACTIVATIONS = ("sigmoid", "tanh", "scaled_tanh", "relu", "gelu")
 POOLS = ("avg", "max", "sub", "conv", "none")
 NORMS = ("none", "batch", "layer")
 INITS = ("xavier", "he", "lecun", "default")
 HEADS = ("flatten", "gap")
-
-
-# --------------------------------------------------------------------------------------------
-# Building blocks that PyTorch does not ship
-
-
-class ScaledTanh(nn.Module):
-    """LeCun's squashing function f(a) = 1.7159 * tanh(2a / 3) (1998, appendix A)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return 1.7159 * torch.tanh(x * (2.0 / 3.0))
-
-
-class Subsampling(nn.Module):
-    """LeNet-5's trainable subsampling: sum of each 2x2 block times a per-map coefficient plus a
-    per-map bias (2 parameters per feature map). The squashing function follows as its own layer."""
-
-    def __init__(self, channels: int, size: int = 2):
-        super().__init__()
-        self.size = size
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = nn.functional.avg_pool2d(x, self.size, self.size) * float(self.size * self.size)
-        return s * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
-
-    def extra_repr(self) -> str:
-        return f"{self.weight.numel()}, size={self.size}"
-
-
-class ChannelLayerNorm(nn.Module):
-    """LayerNorm over (C, H, W) of each example, with a per-channel affine (like GroupNorm(1, C))."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.norm = nn.GroupNorm(1, channels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x)
-
-
-def make_activation(name: str) -> nn.Module:
-    return {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "scaled_tanh": ScaledTanh,
-            "relu": nn.ReLU, "gelu": nn.GELU}[name]()
-
-
-# --------------------------------------------------------------------------------------------
-# Config
 
 
 @dataclass(frozen=True)
@@ -152,51 +98,6 @@ class LeNetConfig:
         return size
 
 
-def _coerce(value: str, default: Any, key: str) -> Any:
-    """Turn the text of ``--set key=value`` into the type of the field's default."""
-    try:
-        if isinstance(default, bool):
-            if value.lower() in ("1", "true", "yes", "on"):
-                return True
-            if value.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ValueError
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        if isinstance(default, tuple):
-            text = value.strip().strip("()[]")
-            if text.lower() in ("", "none"):
-                return ()
-            return tuple(int(v) for v in text.replace("x", ",").split(",") if v.strip())
-        return value
-    except ValueError:
-        kind = type(default).__name__ if not isinstance(default, tuple) else "comma-separated integers"
-        raise ConfigError(f"--set {key}={value}: expected {kind}") from None
-
-
-def apply_overrides(config: Any, overrides: dict[str, Any]) -> Any:
-    """A copy of the dataclass ``config`` with ``overrides`` (values may be strings from the CLI)."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
-    changes = {}
-    for key, value in overrides.items():
-        if key not in fields:
-            raise ConfigError(f"unknown model setting {key!r} for {type(config).__name__}: "
-                              f"known settings are {', '.join(fields)}")
-        default = getattr(config, key)
-        if isinstance(value, str) and not isinstance(default, str):
-            value = _coerce(value, default, key)
-        elif isinstance(default, tuple) and isinstance(value, (list, int)):
-            value = tuple(value) if isinstance(value, list) else (value,)
-        changes[key] = value
-    return dataclasses.replace(config, **changes)
-
-
-# --------------------------------------------------------------------------------------------
-# Builder
-
-
 def init_weights(model: nn.Module, scheme: str) -> None:
     """Initialise conv and linear weights: xavier (the book: weights only), he, lecun, default."""
     if scheme == "default":
@@ -209,11 +110,8 @@ def init_weights(model: nn.Module, scheme: str) -> None:
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif scheme == "lecun":  # LeCun 1998: uniform in +-2.4 / fan-in
-                fan_in = m.weight[0].numel()
-                nn.init.uniform_(m.weight, -2.4 / fan_in, 2.4 / fan_in)
-                if m.bias is not None:
-                    nn.init.uniform_(m.bias, -2.4 / fan_in, 2.4 / fan_in)
+            elif scheme == "lecun":
+                lecun_uniform_(m, m.weight[0].numel())
 
 
 def build_lenet(cfg: LeNetConfig) -> nn.Sequential:
@@ -264,74 +162,9 @@ def build_lenet(cfg: LeNetConfig) -> nn.Sequential:
     return model
 
 
-# --------------------------------------------------------------------------------------------
-# Registry
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    description: str
-    config: Any  # a dataclass instance: the preset's defaults
-    build: Callable[[Any], nn.Module]
-    tags: tuple[str, ...] = field(default_factory=tuple)
-    # The preset's recommended training recipe: TrainConfig fields (lr, optimizer, schedule, ...)
-    # used when the user does not give them (see TrainConfig.for_model). Empty: the book's recipe.
-    recipe: dict[str, Any] = field(default_factory=dict)
-
-
-MODELS: dict[str, ModelEntry] = {}
-
-
-def register(name: str, description: str, config: Any, build: Callable[[Any], nn.Module],
-             recipe: dict[str, Any] | None = None) -> None:
-    MODELS[name] = ModelEntry(name, description, config, build, recipe=dict(recipe or {}))
-
-
-def get_entry(name: str) -> ModelEntry:
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise ConfigError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}") from None
-
-
-def resolve_config(name: str, overrides: dict[str, Any] | None = None) -> Any:
-    """The config of preset ``name`` with ``overrides`` applied (and validated)."""
-    cfg = apply_overrides(get_entry(name).config, overrides or {})
-    if hasattr(cfg, "validate"):
-        cfg.validate()
-    return cfg
-
-
-def create_model(name: str = "classic", **overrides: Any) -> nn.Module:
-    """Build preset ``name`` with config overrides, timm-style: ``create_model("classic", pool="max")``."""
-    entry = get_entry(name)
-    return entry.build(resolve_config(name, overrides))
-
-
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
-
-
-def build_from_dict(name: str, config: dict[str, Any]) -> nn.Module:
-    """Rebuild a model from a saved (name, config dict) pair, as written in a run's config.json."""
-    return create_model(name, **config)
-
-
 register("classic", "the textbook LeNet (d2l 7.6): sigmoid, avg-pool, 6-16 conv, 120-84 dense, Xavier",
          LeNetConfig(), build_lenet)
 register("modern", "the same skeleton, modernised: ReLU, max-pool, BatchNorm, He init, global-average-pool head",
          LeNetConfig(channels=(32, 64), kernel_size=(5,), padding=(2, 0), activation="relu", pool="max",
                      dense=(64,), head="gap", norm="batch", init="he"),
          build_lenet, recipe={"lr": 0.1, "optimizer": "momentum", "schedule": "onecycle", "weight_decay": 5e-4})
-
-
-def param_count(model: nn.Module, trainable_only: bool = True) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-__all__ = ["LeNetConfig", "ScaledTanh", "Subsampling", "build_lenet", "create_model", "MODELS",
-           "register", "resolve_config", "apply_overrides", "param_count", "config_to_dict",
-           "build_from_dict", "init_weights"]
-
-from . import lenet5 as _lenet5  # noqa: E402,F401  (registers the "lenet5" preset; needs the blocks above)

@@ -7,42 +7,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import to_float
+from .._util import eval_mode, to_float
 
 
 @torch.inference_mode()
 def predict_scores(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512,
                    device: torch.device | str = "cpu") -> torch.Tensor:
     """Class scores (N, classes) for uint8 images (N, H, W), computed in eval mode in batches."""
-    was_training = model.training
-    model.eval()
-    try:
-        outs = []
-        for start in range(0, images.shape[0], batch_size):
-            x = to_float(images[start:start + batch_size].to(device, non_blocking=True))
-            outs.append(model(x).float())
-        if not outs:
-            return torch.empty(0, 0)
-        return torch.cat(outs)
-    finally:
-        model.train(was_training)
+    with eval_mode(model):
+        outs = [model(to_float(images[start:start + batch_size].to(device, non_blocking=True))).float()
+                for start in range(0, images.shape[0], batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
              batch_size: int = 512, device: torch.device | str = "cpu") -> float:
     """Top-1 accuracy on uint8 images; one host sync at the end."""
-    was_training = model.training
-    model.eval()
-    try:
-        correct = torch.zeros((), dtype=torch.int64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = to_float(images[start:start + batch_size].to(device, non_blocking=True))
             y = labels[start:start + batch_size].to(device, non_blocking=True)
             correct += (model(x).argmax(dim=1) == y).sum()
-        return correct.item() / max(1, images.shape[0])
-    finally:
-        model.train(was_training)
+    return correct.item() / max(1, images.shape[0])
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Looking at a trained model: evaluation reports, feature maps, filters, mistakes, figures."""
