@@ -1,6 +1,7 @@
 # lenet: every target sets up what it needs on a fresh machine.
 #   make train   set up, get Fashion-MNIST, train the textbook LeNet (the book's recipe)
 #   make test    set up (incl. the browser for the web-page test where apt can install it), run the tests
+#   make test-fast   the edit-test loop: the tests not marked slow (no browser set-up)
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -12,10 +13,10 @@ TORCH_SPEC ?= torch==2.13.0
 # Tests read real data from here (CI: the shared folder beside the clone); training never does.
 TEST_DATA_ROOT ?= $(or $(LENET_DATA_ROOT),$(abspath ../shared/data))
 
-.PHONY: setup train data test browser clean help
+.PHONY: setup train data test test-fast browser clean help
 
 help:
-	@sed -n '2,3p' Makefile
+	@sed -n '2,4p' Makefile
 
 $(VENV)/.installed: pyproject.toml
 	@echo ">> creating $(VENV) and installing PyTorch ($(TORCH_SPEC)) and lenet's dependencies"
@@ -59,6 +60,9 @@ browser:
 
 test: setup browser
 	LENET_DATA_ROOT="$(TEST_DATA_ROOT)" $(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: setup
+	LENET_DATA_ROOT="$(TEST_DATA_ROOT)" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -33,16 +33,28 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 SOURCE = Path(__file__).with_name("csrc") / "blconv.cpp"
-LANES = 16  # the kernels work on the batch in groups of 16 examples
-KERNEL_SIZES = (1, 3, 5, 7)
+
+
+class Constants(NamedTuple):
+    """What the C++ side defines and reports (``lenet_bl_constants``): written there only."""
+
+    lanes: int  # examples per vector: the kernels work on the batch in groups of this many
+    kernel_sizes: tuple[int, ...]  # the square kernel sizes compiled in
+    activations: dict[type, int]  # activation module type -> code
+    pool_none: int
+    pool_avg: int
+    pool_max: int
+
 
 _lib: ctypes.CDLL | None = None
+_constants: Constants | None = None
 _problem: str | None = None
 _loaded = False
 
@@ -116,14 +128,13 @@ def library() -> ctypes.CDLL | None:
         _problem = f"building the batch-last kernels failed ({exc})"
         return None
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
-    lib.lenet_blconv_forward.argtypes = ptrs * 4 + ints * 8
-    lib.lenet_blconv_weight_grad.argtypes = ptrs * 3 + ints * 9
     lib.lenet_bl_block_forward.argtypes = ptrs * 4 + ints * 10
     lib.lenet_bl_block_backward.argtypes = ptrs * 8 + ints * 10
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     _lib = lib
     try:
+        _read_constants(lib)
         with torch.random.fork_rng(devices=[]):  # the test model's default init must not move the global RNG
             bad = _self_test()
     except Exception as exc:  # noqa: BLE001 - any failure means: do not use these kernels
@@ -131,6 +142,23 @@ def library() -> ctypes.CDLL | None:
     if bad:
         _lib, _problem = None, f"the batch-last kernels built in {target} give wrong results ({bad})"
     return _lib
+
+
+def _read_constants(lib: ctypes.CDLL) -> None:
+    global _constants
+    buf = (ctypes.c_int * 64)()
+    lib.lenet_bl_constants.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    v = list(buf[:lib.lenet_bl_constants(buf, len(buf))])
+    lanes, count = v[0], v[1]
+    sigmoid, tanh, relu, none, avg, mx = v[2 + count:8 + count]
+    _constants = Constants(lanes, tuple(v[2:2 + count]), {nn.Sigmoid: sigmoid, nn.Tanh: tanh, nn.ReLU: relu},
+                           none, avg, mx)
+
+
+def constants() -> Constants:
+    """The kernels' lanes, kernel sizes and codes, as the loaded library reports them."""
+    _need_lib()
+    return _constants
 
 
 def problem() -> str | None:
@@ -172,10 +200,6 @@ def _self_test() -> str | None:
 # --------------------------------------------------------------------------------------------
 # The kernels as tensor functions (tensors in [C, H, W, B] layout, B a multiple of 16)
 
-ACTIVATIONS = {nn.Sigmoid: 1, nn.Tanh: 2, nn.ReLU: 3}  # codes in csrc/blconv.cpp (0: none)
-POOL_NONE, POOL_AVG, POOL_MAX = 0, 1, 2
-
-
 def _need_lib() -> ctypes.CDLL:
     lib = library()
     if lib is None:
@@ -203,43 +227,11 @@ def pad_cols(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x, (0, 0, pad, pad)) if pad else x
 
 
-def conv_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: int,
-                 act: int = 0) -> torch.Tensor:
-    """act(conv(x) + bias): stride 1, ``pad`` zero rows above and below, columns already padded.
-
-    x: [Cin, H, W, B] -> [Cout, H + 2 pad - K + 1, W - K + 1, B]."""
-    cin, h, w, b = x.shape
-    cout, _, k, _ = weight.shape
-    _check_shapes(weight.shape[1] == cin and w >= k and x.dtype == weight.dtype == torch.float32,
-                  "convolution", x.shape, weight.shape)
-    x, weight = x.contiguous(), weight.detach().contiguous()
-    bias = None if bias is None else bias.detach().contiguous()
-    out = torch.empty((cout, h + 2 * pad - k + 1, w - k + 1, b))
-    _check(_need_lib().lenet_blconv_forward(_ptr(x), _ptr(weight), _ptr(bias), _ptr(out),
-                                            cin, h, w, pad, cout, k, b, act), "convolution", x.shape, weight.shape)
-    return out
-
-
-def weight_grad(x: torch.Tensor, grad: torch.Tensor, k: int, pad: int, goff: int = 0) -> torch.Tensor:
-    """Gradient of :func:`conv_forward`'s weight for input ``x`` and pre-activation gradient
-    ``grad`` (whose rows may hold ``goff`` extra columns on each side of the real ones)."""
-    cin, h, w, b = x.shape
-    cout, _, gcols, _ = grad.shape
-    _check_shapes(grad.shape[1] == h + 2 * pad - k + 1 and gcols >= 2 * goff + w - k + 1 and grad.shape[3] == b,
-                  "weight gradient", x.shape, grad.shape)
-    x, grad = x.contiguous(), grad.contiguous()  # (kept in variables: the kernel reads their memory)
-    out = torch.empty((cout, cin, k, k))
-    _check(_need_lib().lenet_blconv_weight_grad(_ptr(x), _ptr(grad), _ptr(out),
-                                                cin, h, w, pad, cout, k, b, gcols, goff),
-           "weight gradient", x.shape, grad.shape)
-    return out
-
-
 class ConvBlock(torch.autograd.Function):
     """pool(act(conv(x) + bias)) and its backward pass, each one call into the kernels.
 
     x: [Cin, H, W, B] with its columns padded (see :func:`pad_cols`), ``pad`` zero rows; act and
-    pool are the codes in :data:`ACTIVATIONS` and ``POOL_*``; k the pool window (= stride). Only
+    pool are codes of :func:`constants`; k the pool window (= stride). Only
     x and the parameters are kept for the backward pass: the kernels recompute the activation
     there, 16 examples at a time in the core's cache, which is cheaper than writing it to memory
     and reading it back (4.8 MB per batch of 256 for conv1).
@@ -326,7 +318,7 @@ def _conv_ok(m: nn.Module) -> bool:
     if not isinstance(m, nn.Conv2d):
         return False
     k = m.kernel_size
-    return (k[0] == k[1] and k[0] in KERNEL_SIZES and m.stride == (1, 1) and m.dilation == (1, 1)
+    return (k[0] == k[1] and k[0] in constants().kernel_sizes and m.stride == (1, 1) and m.dilation == (1, 1)
             and m.groups == 1 and m.padding_mode == "zeros" and isinstance(m.padding, tuple)
             and m.padding[0] == m.padding[1] and m.weight.dtype == torch.float32)
 
@@ -344,7 +336,8 @@ def _pool(m: nn.Module) -> tuple[int, int] | None:
     s = s if isinstance(s, int) else (s[0] if s[0] == s[1] else None)
     if k is None or k != s or p not in (0, (0, 0)) or m.ceil_mode:
         return None
-    return (POOL_MAX if isinstance(m, nn.MaxPool2d) else POOL_AVG), k
+    c = constants()
+    return (c.pool_max if isinstance(m, nn.MaxPool2d) else c.pool_avg), k
 
 
 class BatchLast(nn.Module):
@@ -370,7 +363,7 @@ class BatchLast(nn.Module):
         if x.device.type != "cpu" or x.dtype not in (torch.uint8, torch.float32):
             raise TypeError(f"the batch-last kernels take float32 or uint8 CPU tensors, not {x.dtype} on {x.device}")
         n = x.shape[0]
-        lanes = -n % LANES  # padded examples are zeros; their scores are dropped at the end
+        lanes = -n % constants().lanes  # padded examples are zeros; their scores are dropped at the end
         first_pad = self.blocks[0][0].padding[0]
         if x.dtype == torch.uint8:  # one small uint8 copy in the layout, then one float pass
             h = F.pad(x.permute(1, 2, 0).unsqueeze(0), (0, lanes, first_pad, first_pad)).float().div_(255.0)
@@ -399,13 +392,15 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
     """A :class:`BatchLast` runner for ``model``, or (None, why not)."""
     if not isinstance(model, nn.Sequential):
         return None, "the model is not an nn.Sequential"
-    layers = list(model)
+    if check_library and library() is None:
+        return None, _problem or "the kernels are not available"
+    codes, layers = constants(), list(model)
     blocks, i = [], 0
     while i < len(layers) and _conv_ok(layers[i]):
-        conv, act, pool, k = layers[i], 0, POOL_NONE, 1
+        conv, act, pool, k = layers[i], 0, codes.pool_none, 1
         i += 1
-        if i < len(layers) and type(layers[i]) in ACTIVATIONS:
-            act = ACTIVATIONS[type(layers[i])]
+        if i < len(layers) and type(layers[i]) in codes.activations:
+            act = codes.activations[type(layers[i])]
             i += 1
         if i < len(layers) and _pool(layers[i]) is not None:
             pool, k = _pool(layers[i])
@@ -418,8 +413,8 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
         while j < len(layers) and isinstance(layers[j], nn.Linear) and layers[j].weight.dtype == torch.float32:
             linear, act = layers[j], 0
             j += 1
-            if j < len(layers) and type(layers[j]) in ACTIVATIONS:
-                act = ACTIVATIONS[type(layers[j])]
+            if j < len(layers) and type(layers[j]) in codes.activations:
+                act = codes.activations[type(layers[j])]
                 j += 1
             dense.append((linear, act))
         if dense:
@@ -436,9 +431,7 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
         return None, "its linear layers' sizes do not chain (PyTorch would refuse it too)"
     if next(model.parameters()).device.type != "cpu":
         return None, "the model is not on the CPU"
-    if check_library and library() is None:
-        return None, _problem or "the kernels are not available"
     return BatchLast(model, blocks, dense, i), ""
 
 
-__all__ = ["BatchLast", "ConvBlock", "DenseBlock", "batch_last", "conv_forward", "weight_grad", "library", "problem"]
+__all__ = ["BatchLast", "Constants", "ConvBlock", "DenseBlock", "batch_last", "constants", "library", "problem"]

@@ -20,10 +20,11 @@
 // is 4.8 MB per batch of 256 that never goes to memory and back, which is what bounded the
 // unfused kernels (memory traffic, not arithmetic: see docs/speed-notes.md).
 //
-// Built at first use by lenet/blconv.py with `g++ -O3 -march=native -fopenmp`; plain C ABI.
+// Built at first use by lenet/kernels/ops.py with `g++ -O3 -march=native -fopenmp`; plain C ABI.
 
 #include <algorithm>
 #include <cstddef>
+#include <iterator>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
@@ -102,6 +103,7 @@ static inline vec vrecip(vec d) { return 1.0f / d; }
 // Activations applied as a convolution's output is stored, and their derivatives written in terms
 // of the output a (what the backward pass recomputes): sigmoid' = a(1-a), tanh' = 1-a^2, relu' = [a>0].
 enum { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3 };
+enum { POOL_NONE = 0, POOL_AVG = 1, POOL_MAX = 2 };
 
 static inline vec activate(vec z, int act) {
     switch (act) {
@@ -223,8 +225,9 @@ static void wgrad_chunk(const Map& in, const Map& g, int goff, int pad, vec* gw)
 
 // ---- dispatch on the kernel size and the largest channel block that divides Cout --------------
 
-// The kernel sizes compiled in: keep KERNEL_SIZES in lenet/blconv.py the same.
-static bool supported(int K) { return K == 1 || K == 3 || K == 5 || K == 7; }
+// The kernel sizes compiled in: conv_any and wgrad_any have a case for each.
+static const int KERNEL_SIZES[] = {1, 3, 5, 7};
+static bool supported(int K) { return std::find(std::begin(KERNEL_SIZES), std::end(KERNEL_SIZES), K) != std::end(KERNEL_SIZES); }
 
 template <int K>
 static void conv_k(const Map& in, const float* w, const float* bias, const Map& out, int pad, int act) {
@@ -311,7 +314,7 @@ static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, 
                 } else if (y < Hp * k && x < Wp * k) {
                     const int i = y / k, j = x / k;
                     g = load(gp.at(c, i, j));
-                    if (pool == 1) {
+                    if (pool == POOL_AVG) {
                         g = g * inv;
                     } else {  // max: is (y, x) the first position of its window holding the maximum?
                         vec m = load(a.at(c, i * k, j * k));
@@ -417,47 +420,23 @@ struct Partials {
 
 extern "C" {
 
-// out = act(conv(in) + bias); in: [Cin][Hin][Win][B], out: [Cout][Hin+2pad-K+1][Win-K+1][B].
-// Returns 0, or -1 for an unsupported kernel size or a batch that is not a multiple of 16.
-int lenet_blconv_forward(const float* in, const float* w, const float* bias, float* out,
-                         int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int act) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU) return -1;
-    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
-#pragma omp parallel
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-        for (int b0 = lo; b0 < hi; b0 += V)
-            conv_any(cmap(in + b0, Cin, Hin, Win, B), w, bias, cmap(out + b0, Cout, Ho, Wo, B), K, pad, act);
-    }
-    return 0;
-}
-
-// gw = weight gradient for input in and output gradient g: [Cout][Ho][gcols][B], real columns
-// starting at goff.
-int lenet_blconv_weight_grad(const float* in, const float* g, float* gw,
-                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int gcols, int goff) {
-    if (B % V || !supported(K)) return -1;
-    const int Ho = Hin + 2 * pad - K + 1;
-    Partials part((std::size_t)Cout * Cin * K * K);
-#pragma omp parallel num_threads(part.T)
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-        std::vector<vec> acc(part.n, vec{});
-        for (int b0 = lo; b0 < hi; b0 += V)
-            wgrad_any(cmap(in + b0, Cin, Hin, Win, B), cmap(g + b0, Cout, Ho, gcols, B), K, goff, pad, acc.data());
-        part.add_lanes(acc, part.n);
-    }
-    part.sum_into(gw);
-    return 0;
+// The numbers the Python side must agree with, reported from here rather than written twice:
+// the lanes (examples per vector), the number of kernel sizes and the sizes, the activation codes
+// (sigmoid, tanh, relu) and the pooling codes (none, average, max). Writes at most n ints to out
+// and returns how many there are.
+int lenet_bl_constants(int* out, int n) {
+    std::vector<int> c = {V, (int)std::size(KERNEL_SIZES)};
+    c.insert(c.end(), std::begin(KERNEL_SIZES), std::end(KERNEL_SIZES));
+    c.insert(c.end(), {ACT_SIGMOID, ACT_TANH, ACT_RELU, POOL_NONE, POOL_AVG, POOL_MAX});
+    std::copy(c.begin(), c.begin() + std::min<std::size_t>(n, c.size()), out);
+    return (int)c.size();
 }
 
 // A block's forward pass: p = pool(act(conv(x) + bias)); pool 0 none, 1 average, 2 max (k x k).
 int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p,
                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                            int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < 0 || pool > 2 || k < 1) return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
 #pragma omp parallel
@@ -473,7 +452,7 @@ int lenet_bl_block_forward(const float* x, const float* w, const float* bias, fl
             }
             Map a = cmap(scratch.data(), Cout, Ho, Wo, V);
             conv_any(in, w, bias, a, K, pad, act);
-            pool_chunk(a, out, k, pool == 2);
+            pool_chunk(a, out, k, pool == POOL_MAX);
         }
     }
     return 0;
@@ -487,7 +466,7 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
                             const float* gp, float* gx, float* gw, float* gb,
                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                             int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < 0 || pool > 2 || k < 1) return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
@@ -535,7 +514,7 @@ int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, f
 // Backward of y = act(W x + b) given y and its gradient gy, except the weight gradient: gz (the
 // gradient before the activation, [Fout][B]), gb (if not null) and gx = W^T gz (if not null; W
 // is [Fout][Fin] as stored, which is the transposed table this product needs). The weight
-// gradient gz x^T is a plain matrix product that lenet/blconv.py leaves to PyTorch's BLAS: here
+// gradient gz x^T is a plain matrix product that lenet/kernels/ops.py leaves to PyTorch's BLAS: here
 // it would need a horizontal sum per weight over only 128 lanes per thread.
 int lenet_bl_dense_backward(const float* W, const float* y, const float* gy, float* gz,
                             float* gx, float* gb, int Fin, int Fout, int B, int act) {
