@@ -21,12 +21,9 @@ FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaV
 def mnist_run(base: Path, data) -> Path:
     """Train the classic LeNet (ReLU, max-pool, Adam) on 30k MNIST images for 2 epochs (~98% test acc)."""
     if "mnist" not in _RUNS:
-        from lenet.data import Dataset, Split
         from lenet.training import TrainConfig, train
 
-        subset = Dataset(name="mnist", classes=data.classes,
-                         train=Split(data.train.images[:30000], data.train.labels[:30000]),
-                         test=Split(data.test.images[:2000], data.test.labels[:2000]))
+        subset = data.head(30000, 2000)
         cfg = TrainConfig(model="classic", overrides={"activation": "relu", "pool": "max"}, dataset="mnist",
                           epochs=2, lr=0.002, optimizer="adam", batch_size=128, device="cpu")
         result = train(cfg, data=subset, out=base / "mnist-run")

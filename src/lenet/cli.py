@@ -412,6 +412,10 @@ def cmd_mistakes(args) -> int:
         print(f"#{m.index:<6} true {data.classes[m.true]:<12} predicted {visualize.class_name(data.classes, m.pred):<12} "
               f"confidence {m.confidence:.3f}")
     print(f"{wrong:,} of {len(data.test):,} test images misclassified; figure saved to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # lenet predict / export / serve
 
 
@@ -507,6 +511,10 @@ def cmd_serve(args) -> int:
         print("stopped", flush=True)
     finally:
         server.server_close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # lenet bench
 
 

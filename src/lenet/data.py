@@ -19,6 +19,8 @@ later starts skip gzip and hashing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gzip
 import hashlib
 import os
@@ -363,6 +365,10 @@ class Split:
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    def head(self, n: int | None) -> "Split":
+        """The first ``n`` examples (all of them for None)."""
+        return self if n is None else Split(self.images[:n], self.labels[:n])
+
 
 @dataclass
 class Dataset:
@@ -376,6 +382,10 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def head(self, train: int | None = None, test: int | None = None) -> "Dataset":
+        """The same dataset cut to its first ``train`` training and ``test`` test examples."""
+        return dataclasses.replace(self, train=self.train.head(train), test=self.test.head(test))
 
 
 def _decoded_cache_path(f: FileSpec) -> Path:

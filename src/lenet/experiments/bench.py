@@ -79,16 +79,58 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _book_accuracy(y_hat, y) -> float:
+    """d2l.accuracy: correct predictions of a batch, as a Python float (a host sync per batch)."""
+    return float((y_hat.argmax(axis=1).type(y.dtype) == y).type(y.dtype).sum())
+
+
+def _book_evaluate(net, test_iter, device) -> float:
+    """d2l.evaluate_accuracy_gpu: the test accuracy, batch by batch."""
+    import torch
+
+    net.eval()
+    metric = [0.0, 0.0]
+    with torch.no_grad():
+        for X, y in test_iter:
+            X, y = X.to(device), y.to(device)
+            metric[0] += _book_accuracy(net(X), y)
+            metric[1] += y.numel()
+    return metric[0] / metric[1]
+
+
+def _book_epoch(net, train_iter, loss, optimizer, device) -> tuple[list[float], float]:
+    """One epoch of d2l's train_ch6: ([sum of loss, correct, examples], seconds)."""
+    import torch
+
+    net.train()
+    metric = [0.0, 0.0, 0]
+    _sync(device)
+    t0 = time.perf_counter()
+    for X, y in train_iter:
+        optimizer.zero_grad()
+        X, y = X.to(device), y.to(device)
+        y_hat = net(X)
+        l = loss(y_hat, y)
+        l.backward()
+        optimizer.step()
+        with torch.no_grad():
+            metric[0] += float(l) * X.shape[0]
+            metric[1] += _book_accuracy(y_hat, y)
+            metric[2] += X.shape[0]
+    _sync(device)
+    return metric, time.perf_counter() - t0
+
+
 def run_plain(spec: BenchSpec) -> dict[str, Any]:
     """The textbook loop (d2l 7.6 ``train_ch6``), with the model built as ``lenet`` builds it."""
     import torch
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ..data import to_float
-    from ..training.engine import configure_threads
+    from .._util import to_float
     from ..models import get_entry, resolve_config
     from ..options import resolve_device
+    from ..training.engine import configure_threads
 
     configure_threads()
     device = resolve_device(spec.device)
@@ -102,46 +144,14 @@ def run_plain(spec: BenchSpec) -> dict[str, Any]:
                             generator=torch.Generator().manual_seed(spec.seed))
     test_iter = DataLoader(TensorDataset(to_float(data.test.images), data.test.labels),
                            batch_size=spec.eval_batch_size, shuffle=False)
-
-    def accuracy(y_hat, y):  # d2l.accuracy: a Python float per batch
-        return float((y_hat.argmax(axis=1).type(y.dtype) == y).type(y.dtype).sum())
-
-    def evaluate_accuracy(net):  # d2l.evaluate_accuracy_gpu
-        net.eval()
-        metric = [0.0, 0.0]
-        with torch.no_grad():
-            for X, y in test_iter:
-                X, y = X.to(device), y.to(device)
-                metric[0] += accuracy(net(X), y)
-                metric[1] += y.numel()
-        return metric[0] / metric[1]
-
-    train_time, seen, epochs = 0.0, 0, []
+    epochs = []
     for _ in range(spec.epochs):
-        net.train()
-        metric = [0.0, 0.0, 0]  # sum of loss, correct, examples
-        _sync(device)
-        t0 = time.perf_counter()
-        for X, y in train_iter:
-            optimizer.zero_grad()
-            X, y = X.to(device), y.to(device)
-            y_hat = net(X)
-            l = loss(y_hat, y)
-            l.backward()
-            optimizer.step()
-            with torch.no_grad():
-                metric[0] += float(l) * X.shape[0]
-                metric[1] += accuracy(y_hat, y)
-                metric[2] += X.shape[0]
-        _sync(device)
-        dt = time.perf_counter() - t0
-        train_time += dt
-        seen += metric[2]
-        epochs.append(dt)
-        test_acc = evaluate_accuracy(net)
-    rate = _best_rate(lambda: evaluate_accuracy(net), len(data.test), device)
+        metric, seconds = _book_epoch(net, train_iter, loss, optimizer, device)
+        epochs.append(seconds)
+        test_acc = _book_evaluate(net, test_iter, device)
+    rate = _best_rate(lambda: _book_evaluate(net, test_iter, device), len(data.test), device)
     return {"train_loss": metric[0] / metric[2], "train_acc": metric[1] / metric[2], "test_acc": test_acc,
-            "train_time_s": train_time, "examples": seen, "epoch_times_s": epochs,
+            "train_time_s": sum(epochs), "examples": metric[2] * spec.epochs, "epoch_times_s": epochs,
             "eval_images_per_sec": rate, "threads": torch.get_num_threads(), "device": str(device),
             **_peak_memory(device)}
 

@@ -325,17 +325,11 @@ class _DataCache:
         self.data_root, self.log, self.full = data_root, log, {}
 
     def get(self, v: Variant):
-        from ..data import Dataset, Split, load_dataset
+        from ..data import load_dataset
 
         if v.dataset not in self.full:
             self.full[v.dataset] = load_dataset(v.dataset, self.data_root, log=self.log)
-        d = self.full[v.dataset]
-        if v.train_limit is None and v.test_limit is None:
-            return d
-        tr, te = slice(0, v.train_limit), slice(0, v.test_limit)
-        return Dataset(name=d.name, classes=d.classes, folder=d.folder,
-                       train=Split(d.train.images[tr], d.train.labels[tr]),
-                       test=Split(d.test.images[te], d.test.labels[te]))
+        return self.full[v.dataset].head(v.train_limit, v.test_limit)
 
 
 def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, device: str = "auto",
@@ -344,9 +338,6 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
 
     Returns the table rows. ``data`` (a Dataset) replaces loading the variants' datasets (tests).
     """
-    from ..training import runs
-    from ..training import resume, train
-
     log = log or (lambda s: None)
     out = Path(out)
     runs_dir = out / "runs"
@@ -370,25 +361,7 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
                 log(f"{prefix} already finished, skipped ({_outcome_text(done)})")
             else:
                 dataset = data if data is not None else cache.get(v)
-                resumed = _checkpoint_epoch(run_dir, settings)
-                try:
-                    if resumed:  # interrupted after some epochs: continue from the last checkpoint
-                        resume(run_dir, data=dataset, device=device, data_root=data_root)
-                    else:
-                        runs.prepare_run_dir(run_dir, overwrite=True)
-                        runs.write_json(run_dir / MARKER, {"variant": v.name, "status": "running",
-                                                           "settings": settings})
-                        train(v.train_config(seed, data_root, device), data=dataset, out=run_dir, overwrite=True)
-                    status, message = "done", ""
-                except TrainingDiverged as exc:
-                    status, message = "diverged", str(exc)
-                except Interrupted:
-                    raise Interrupted(f"interrupted during {v.run_name(seed)}; finished runs and saved epochs "
-                                      f"are kept in {out}: repeat the command to continue") from None
-                runs.write_json(run_dir / MARKER, {"variant": v.name, "status": status, "message": message,
-                                                   "settings": settings})
-                done = finished_run(run_dir, settings)
-                assert done is not None, run_dir
+                done, resumed = _train_one(v, seed, run_dir, dataset, out, data_root, device)
                 how = f" (resumed after epoch {resumed})" if resumed else ""
                 log(f"{prefix} {_outcome_text(done)}{how}")
             outcomes.setdefault(v.name, []).append(done)
@@ -398,6 +371,32 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
     rows = [summarize(v, outcomes[v.name]) for v in spec.variants]
     write_results(spec, rows, outcomes, out)
     return rows
+
+
+def _train_one(v: Variant, seed: int, run_dir: Path, dataset, out: Path, data_root: str | None,
+               device: str) -> tuple[RunOutcome, int]:
+    """Train (or continue) one run of ``v``; (its outcome, the epoch it resumed after or 0)."""
+    from ..training import resume, runs, train
+
+    settings = v.settings(seed)
+    resumed = _checkpoint_epoch(run_dir, settings)
+    try:
+        if resumed:  # interrupted after some epochs: continue from the last checkpoint
+            resume(run_dir, data=dataset, device=device, data_root=data_root)
+        else:
+            runs.prepare_run_dir(run_dir, overwrite=True)
+            runs.write_json(run_dir / MARKER, {"variant": v.name, "status": "running", "settings": settings})
+            train(v.train_config(seed, data_root, device), data=dataset, out=run_dir, overwrite=True)
+        status, message = "done", ""
+    except TrainingDiverged as exc:
+        status, message = "diverged", str(exc)
+    except Interrupted:
+        raise Interrupted(f"interrupted during {v.run_name(seed)}; finished runs and saved epochs "
+                          f"are kept in {out}: repeat the command to continue") from None
+    runs.write_json(run_dir / MARKER, {"variant": v.name, "status": status, "message": message, "settings": settings})
+    done = finished_run(run_dir, settings)
+    assert done is not None, run_dir
+    return done, resumed
 
 
 def _outcome_text(o: RunOutcome) -> str:
