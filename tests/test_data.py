@@ -9,13 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lenet import data
+from lenet.data import builtin
 from lenet.errors import DataError, IdxFormatError
 
-from .conftest import needs_data
+from .conftest import assert_user_error, needs_data, run_cli
 
 
 def idx_bytes(arr: np.ndarray, type_code: int = 0x08) -> bytes:
@@ -129,7 +131,7 @@ def test_discovery_order(tmp_path, monkeypatch):
     explicit, cache, debian = tmp_path / "explicit", tmp_path / "cache", tmp_path / "debian"
     monkeypatch.setenv("LENET_CACHE_DIR", str(cache))
     monkeypatch.delenv("LENET_DATA_ROOT", raising=False)
-    monkeypatch.setattr(data, "DEBIAN_ROOT", debian)
+    monkeypatch.setattr(builtin, "DEBIAN_ROOT", debian)
     assert data.locate("mnist") is None
     make_fake_dataset(debian)
     assert data.locate("mnist") == debian / "mnist"
@@ -146,7 +148,7 @@ def test_discovery_order(tmp_path, monkeypatch):
 
 
 def test_missing_data_message_names_places_and_ways(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(builtin, "DEBIAN_ROOT", tmp_path / "debian")
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError) as exc:
@@ -183,9 +185,9 @@ def test_download_is_verified_and_atomic(tmp_path, monkeypatch):
         calls.append(url)
         return bad
 
-    monkeypatch.setattr(data, "_download", fake_download)
-    monkeypatch.setattr(data.time, "sleep", lambda s: None)
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(builtin, "_download", fake_download)
+    monkeypatch.setattr(builtin.time, "sleep", lambda s: None)
+    monkeypatch.setattr(builtin, "DEBIAN_ROOT", tmp_path / "debian")
     root = tmp_path / "root"
     root.mkdir()
     with pytest.raises(DataError, match="checksum mismatch after download"):
@@ -197,8 +199,8 @@ def test_download_is_verified_and_atomic(tmp_path, monkeypatch):
 @needs_data
 def test_download_path_with_real_files(tmp_path, monkeypatch, data_root):
     """The download path writes verified files atomically; served from the real files here."""
-    monkeypatch.setattr(data, "_download", lambda url, timeout: (data_root / "mnist" / url.rsplit("/", 1)[1]).read_bytes())
-    monkeypatch.setattr(data, "DEBIAN_ROOT", tmp_path / "debian")
+    monkeypatch.setattr(builtin, "_download", lambda url, timeout: (data_root / "mnist" / url.rsplit("/", 1)[1]).read_bytes())
+    monkeypatch.setattr(builtin, "DEBIAN_ROOT", tmp_path / "debian")
     root = tmp_path / "root"
     root.mkdir()
     folder = data.fetch("mnist", root, log=lambda s: None)
@@ -226,9 +228,31 @@ def test_real_mnist_and_decoded_cache(mnist, data_root, tmp_path, monkeypatch):
     assert mnist.classes == tuple("0123456789")
     monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path))
     first = data.load_dataset("mnist", data_root, download=False)
-    assert len(list((tmp_path / "decoded").glob("*.npy"))) == 4
+    entries = list((tmp_path / "decoded").glob("builtin-*.npz"))
+    assert len(entries) == 1
+    verified = []
+    monkeypatch.setattr(builtin, "verify_file", lambda path, spec: verified.append(path) or builtin._read_bytes(path))
     second = data.load_dataset("mnist", data_root, download=False)
-    assert (first.test.images == second.test.images).all()
+    assert verified == []  # the warm cache skipped gzip and the checksums
+    assert torch.equal(first.test.images, second.test.images) and torch.equal(first.train.labels, second.train.labels)
+
+
+@needs_data
+def test_corrupt_file_is_reported_even_with_a_warm_cache(tmp_path, data_root, monkeypatch):
+    """The cache is keyed by the files' content: a file corrupted after a good start is read and
+    reported at the next one, not hidden behind the decoded copy."""
+    monkeypatch.setenv("LENET_CACHE_DIR", str(tmp_path / "cache"))
+    shutil.copytree(data_root / "mnist", tmp_path / "mnist")
+    data.load_dataset("mnist", tmp_path, download=False)  # warms the cache
+    target = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    raw = bytearray(gzip.decompress(target.read_bytes()))
+    raw[100] = (raw[100] + 1) % 10  # a wrong label: a valid file with the wrong content
+    target.write_bytes(gzip.compress(bytes(raw)))
+    with pytest.raises(DataError, match="train-labels-idx1-ubyte.gz: checksum mismatch"):
+        data.load_dataset("mnist", tmp_path, download=False)
+    proc = run_cli("train", "--dataset", "mnist", "--data-root", str(tmp_path), "--out", str(tmp_path / "run"))
+    assert_user_error(proc, "train-labels-idx1-ubyte.gz: checksum mismatch", code=2)
+    assert len(list((tmp_path / "cache" / "decoded").glob("builtin-*.npz"))) == 1  # the good entry, not a new one
 
 
 @needs_data

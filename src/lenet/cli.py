@@ -58,10 +58,23 @@ def _key_value(text: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+DATASET_HELP = ("fashion-mnist (default), mnist, or the path of your own: a folder of class folders of images "
+                "(train/<class>/*.png, test/<class>/...), a Kaggle-style CSV file or folder (label,pixel1,...), "
+                "or a folder of IDX files (+ classes.txt)")
+
+
 def _add_data_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-root", metavar="DIR",
-                   help="folder with one sub-folder per dataset (default: $LENET_DATA_ROOT, the cache, "
+                   help="folder with one sub-folder per built-in dataset (default: $LENET_DATA_ROOT, the cache, "
                         "then /usr/share/datasets)")
+
+
+def _add_dataset_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="fashion-mnist", metavar="NAME_OR_PATH", help=DATASET_HELP)
+    _add_data_flags(p)
+    p.add_argument("--test-fraction", type=_typed("fraction", float), default=0.1, metavar="F",
+                   help="for a dataset of your own without a test split: the share of each class held out "
+                        "for testing (seeded, stratified; default 0.1)")
 
 
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -82,15 +95,12 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 
 def add_train(sub) -> argparse.ArgumentParser:
-    from .data import DATASETS
-
     p = sub.add_parser("train", help="train a model (defaults: the textbook LeNet and recipe)",
                        description="Train a LeNet on a dataset and write a run folder.")
     p.add_argument("--model", default="classic", help="model preset (see `lenet models`; default classic)")
     p.add_argument("--set", dest="overrides", action="append", default=[], type=_key_value,
                    metavar="KEY=VALUE", help="override a model config field, e.g. --set pool=max (repeatable)")
-    p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
-    _add_data_flags(p)
+    _add_dataset_flags(p)
     p.add_argument("--num-classes", type=_positive_int, metavar="N",
                    help="output units (same as --set num_classes=N; extra units are never targets)")
     # Left unset, these come from the model preset's recipe (see `lenet models`), else the book's.
@@ -162,11 +172,12 @@ def cmd_train(args) -> int:
     recipe_flags = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule")
     given = {k: getattr(args, k) for k in recipe_flags if getattr(args, k) is not None}
     cfg = TrainConfig.for_model(args.model, overrides=overrides, dataset=args.dataset,
-                                data_root=args.data_root, momentum=args.momentum, seed=args.seed,
+                                data_root=args.data_root, test_fraction=args.test_fraction,
+                                momentum=args.momentum, seed=args.seed,
                                 device=args.device, compile=args.compile,
                                 compile_mode=args.compile_mode, amp=args.amp, fast_conv=args.fast_conv,
                                 **given)
-    out = Path(args.out) if args.out else default_run_dir(args.model, args.dataset)
+    out = Path(args.out) if args.out else default_run_dir(args.model, Path(args.dataset).stem or args.dataset)
     result = train(cfg, out=out, overwrite=args.overwrite, progress=progress,
                    log=lambda s: print(s, flush=True))
     print(result.book_lines())
@@ -188,7 +199,6 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from .data import load_dataset
     from .inspect.evaluation import evaluate
     from .inspect.plots import plot_confusion
     from .training.runs import load_run
@@ -197,7 +207,7 @@ def cmd_evaluate(args) -> int:
     device = resolve_device(args.device)
     run = load_run(args.run_dir, device)
     out = _figure_out(args, "confusion.png")  # a bad --out fails before the work, not after
-    data = load_dataset(run.dataset, args.data_root)
+    data = run.load_data(args.data_root)
     report = evaluate(run.model, data.test.images, data.test.labels, data.classes, device=device)
     print(report.format())
     _save(lambda o: plot_confusion(report.confusion, data.classes, o, title=f"{run.config['model']} on {data.name}"), out)
@@ -213,20 +223,38 @@ def add_summary(sub) -> None:
     p = sub.add_parser("summary", help="layer-by-layer output shapes, parameters and MACs")
     p.add_argument("--model", default="classic")
     p.add_argument("--set", dest="overrides", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
+    p.add_argument("--dataset", metavar="NAME_OR_PATH",
+                   help="size the model for this dataset: its classes (output units) and image size, as "
+                        "`lenet train --dataset` does")
+    _add_data_flags(p)
 
 
 def cmd_summary(args) -> int:
     from .models import create_model, resolve_config
     from .models.summary import format_table, spatial_path, trace
 
-    model = create_model(args.model, **dict(args.overrides))
-    cfg = resolve_config(args.model, dict(args.overrides))
+    overrides = dict(args.overrides)
+    if args.dataset:
+        overrides = _sized_for(args, overrides)
+    model = create_model(args.model, **overrides)
+    cfg = resolve_config(args.model, overrides)
     size = getattr(cfg, "in_size", 28)
     shape = (1, getattr(cfg, "in_channels", 1), size, size)
     rows = trace(model, shape)
     print(format_table(rows, title=f"{args.model}: input {shape}"))
     print("sizes: " + " -> ".join(map(str, spatial_path(rows, size))))
     return 0
+
+
+def _sized_for(args, overrides: dict) -> dict:
+    """--set overrides plus the dataset's classes and image size, where the model has those settings."""
+    from .data import load_dataset
+    from .models import resolve_config
+
+    cfg = resolve_config(args.model, overrides)
+    data = load_dataset(args.dataset, args.data_root, image_size=getattr(cfg, "in_size", 28), log=lambda s: None)
+    sized = {"num_classes": data.num_classes, "in_size": int(data.train.images.shape[-1])}
+    return {**{k: v for k, v in sized.items() if hasattr(cfg, k)}, **overrides}
 
 
 def add_models(sub) -> None:
@@ -251,8 +279,8 @@ def cmd_models(args) -> int:
 def add_data(sub) -> None:
     from .data import DATASETS
 
-    p = sub.add_parser("data", help="where datasets are found; fetch or verify them")
-    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{where,fetch,verify}")
+    p = sub.add_parser("data", help="where datasets are found; fetch, verify or inspect them")
+    dsub = p.add_subparsers(dest="data_command", required=True, metavar="{where,fetch,verify,inspect}")
     for name, text in (("where", "show where each dataset is looked for and found"),
                        ("fetch", "make a dataset available (download it if it is nowhere)"),
                        ("verify", "check the SHA-256 of each file of a dataset")):
@@ -260,11 +288,21 @@ def add_data(sub) -> None:
         q.add_argument("--dataset", choices=sorted(DATASETS), default=None,
                        help="default: all for where, fashion-mnist otherwise")
         _add_data_flags(q)
+    q = dsub.add_parser("inspect", help="classes, counts per split, image size, pixel statistics, and a "
+                                        "grid of sample images per class")
+    q.add_argument("dataset", metavar="NAME_OR_PATH", help=DATASET_HELP)
+    _add_data_flags(q)
+    q.add_argument("--test-fraction", type=_typed("fraction", float), default=0.1, metavar="F",
+                   help="the held-out share, for a dataset without a test split (default 0.1)")
+    q.add_argument("--per-class", type=_positive_int, default=8, metavar="K", help="sample images per class (default 8)")
+    q.add_argument("--out", metavar="PNG", help="the grid of samples (default <dataset>-samples.png here)")
 
 
 def cmd_data(args) -> int:
     from . import data
 
+    if args.data_command == "inspect":
+        return _data_inspect(args)
     if args.data_command == "where":
         for name in ([args.dataset] if args.dataset else list(data.DATASETS)):
             found = data.locate(name, args.data_root)
@@ -283,6 +321,21 @@ def cmd_data(args) -> int:
     for path, status in report.items():
         print(f"{status:<3} {path}")
     print(f"{name}: all {len(report)} files match their checksums")
+    return 0
+
+
+def _data_inspect(args) -> int:
+    from .data import load_dataset
+    from .inspect.datasets import describe, plot_samples
+
+    data = load_dataset(args.dataset, args.data_root, test_fraction=args.test_fraction,
+                        log=lambda s: print(s, flush=True))
+    out = Path(args.out) if args.out else Path(f"{data.name}-samples.png")
+    if out.suffix.lower() != ".png":
+        raise LenetError(f"--out {out}: give a .png file name")
+    print(describe(data))
+    _save(lambda o: plot_samples(data, o, per_class=args.per_class), out)
+    print(f"sample grid ({args.per_class} per class) saved to {out}")
     return 0
 
 
@@ -328,11 +381,10 @@ def _figure_out(args, default_name: str) -> Path:
 
 
 def _load_run_and_data(args):
-    from .data import load_dataset
     from .training.runs import load_run
 
     run = load_run(args.run_dir)
-    return run, load_dataset(run.dataset, args.data_root)
+    return run, run.load_data(args.data_root)
 
 
 def _save(draw, out: Path) -> None:

@@ -42,10 +42,11 @@ PRECISIONS = {"off": "float32", "bf16": "bfloat16 autocast (CUDA)", "fp16": "flo
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 
 # field -> rule. Rules: "count" (an integer >= 1), "seed" (an integer >= 0), "positive" (a finite
-# number > 0), "nonneg" (a finite number >= 0), "unit" (a number in [0, 1)), or a vocabulary.
+# number > 0), "nonneg" (a finite number >= 0), "unit" (a number in [0, 1)), "fraction" (a number
+# strictly between 0 and 1), or a vocabulary.
 RULES: dict[str, Any] = {
     "epochs": "count", "batch_size": "count", "eval_batch_size": "count", "curve_points": "count",
-    "lr": "positive", "momentum": "unit", "weight_decay": "nonneg", "seed": "seed",
+    "lr": "positive", "momentum": "unit", "weight_decay": "nonneg", "seed": "seed", "test_fraction": "fraction",
     "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "compile_mode": COMPILE_MODES, "amp": PRECISIONS,
 }
 
@@ -67,6 +68,8 @@ def problem(rule: Any, value: Any) -> str | None:
         return None if value >= 0 else "must be a number >= 0"
     if rule == "unit":
         return None if 0 <= value < 1 else "must be in [0, 1)"
+    if rule == "fraction":
+        return None if 0 < value < 1 else "must be between 0 and 1"
     raise AssertionError(rule)
 
 
@@ -81,8 +84,9 @@ class TrainConfig:
 
     model: str = "classic"
     overrides: dict[str, Any] = field(default_factory=dict)  # model config fields (--set key=value)
-    dataset: str = "fashion-mnist"
+    dataset: str = "fashion-mnist"  # a built-in name, or the path of your own (lenet.data.load_dataset)
     data_root: str | None = None
+    test_fraction: float = 0.1  # held out of each class when a dataset of your own has no test split
     epochs: int = 10
     lr: float = 0.9
     batch_size: int = 256

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ConfigError, Interrupted, LenetError, TrainingDiverged
+from ..data.builtin import DATASETS
 from ..options import OPTIMIZERS, RULES, SCHEDULES, TrainConfig, problem
 
 if sys.version_info >= (3, 11):
@@ -52,7 +53,8 @@ MARKER = "compare.json"
 
 # The keys of a spec: a variant's recipe is a TrainConfig (these fields of it, with the same
 # checks as `lenet train`'s flags), plus its model settings (`set`) and what only a spec has.
-TRAIN_KEYS = ("model", "dataset", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "schedule")
+TRAIN_KEYS = ("model", "dataset", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "schedule",
+              "test_fraction")
 SPEC_KEYS: dict[str, tuple[str, Any]] = {  # key -> (kind, default)
     "description": ("text", ""),
     "set": ("table", {}),
@@ -89,6 +91,7 @@ class Variant:
         return {"model": c.model, "set": c.overrides, "dataset": c.dataset, "epochs": c.epochs, "lr": c.lr,
                 "batch_size": c.batch_size, "optimizer": c.optimizer, "momentum": c.momentum,
                 "weight_decay": c.weight_decay, "schedule": c.schedule, "seed": seed,
+                **({"test_fraction": c.test_fraction} if not _builtin(c.dataset) else {}),
                 "train_limit": self.train_limit, "test_limit": self.test_limit}
 
     def train_config(self, seed: int, data_root: str | None, device: str = "auto") -> TrainConfig:
@@ -173,8 +176,23 @@ def _check_table(where: str, table: Any) -> dict[str, Any]:
     return out
 
 
+def _builtin(name: str) -> bool:
+    return name in DATASETS
+
+
+def _dataset(spec_path: Path, where: str, dataset: str, own: bool) -> str:
+    """A built-in name as it is; a path of your own, relative to the spec's folder, made absolute."""
+    if _builtin(dataset):
+        return dataset
+    found = (spec_path.parent / Path(dataset).expanduser()).resolve()
+    if not found.exists():
+        src = "" if own else " (from [defaults])"
+        raise ConfigError(f"{where}: dataset = {dataset!r}{src}: not a built-in dataset ({', '.join(DATASETS)}) "
+                          f"and no such file or folder as {found} (a relative path is read from the spec's folder)")
+    return str(found)
+
+
 def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str, Any]) -> Variant:
-    from ..data import DATASETS
     from ..models import MODELS, resolve_config
 
     where = f"{path}: variant {name!r}"
@@ -190,7 +208,7 @@ def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str
             raise ConfigError(f"{where}: {key} = {merged[key]!r}{src}: choose one of {', '.join(options)}")
 
     choose("model", list(MODELS))
-    choose("dataset", sorted(DATASETS))
+    merged["dataset"] = _dataset(path, where, merged["dataset"], "dataset" in own)
     choose("optimizer", OPTIMIZERS)
     choose("schedule", SCHEDULES)
     try:  # a network that cannot be built is refused now, not after an hour of other variants
@@ -327,9 +345,10 @@ class _DataCache:
     def get(self, v: Variant):
         from ..data import load_dataset
 
-        if v.dataset not in self.full:
-            self.full[v.dataset] = load_dataset(v.dataset, self.data_root, log=self.log)
-        return self.full[v.dataset].head(v.train_limit, v.test_limit)
+        key = (v.dataset, v.test_fraction)
+        if key not in self.full:
+            self.full[key] = load_dataset(v.dataset, self.data_root, test_fraction=v.test_fraction, log=self.log)
+        return self.full[key].head(v.train_limit, v.test_limit)
 
 
 def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, device: str = "auto",

@@ -1,4 +1,9 @@
-"""Figures: training curves, confusion matrix. Matplotlib is imported lazily (Agg, no display)."""
+"""Figures: training curves, confusion matrix, comparisons, sample grids.
+
+Figures are made with matplotlib's object API (``matplotlib.figure.Figure``), never pyplot: no
+global state and no backend switch, so drawing here leaves a notebook's own plots alone.
+Matplotlib is imported lazily.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +11,17 @@ from pathlib import Path
 from typing import Sequence
 
 
-def _pyplot():
-    import matplotlib
+def new_figure(**kwargs):
+    """A matplotlib Figure that belongs to no pyplot state (saved with the Agg renderer)."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(**kwargs)
 
 
 def plot_curves(curve: Sequence[dict], path: Path, title: str = "") -> Path:
     """The book's animator figure: train loss, train acc (5 points an epoch) and test acc per epoch."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+    fig = new_figure(figsize=(4.5, 3.2), dpi=120)
+    ax = fig.subplots()
     pts = [r for r in curve if r.get("train_loss") is not None]
     tests = [r for r in curve if r.get("test_acc") is not None]
     ax.plot([r["epoch"] for r in pts], [r["train_loss"] for r in pts], "-", label="train loss")
@@ -33,16 +36,15 @@ def plot_curves(curve: Sequence[dict], path: Path, title: str = "") -> Path:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def plot_confusion(confusion, classes: Sequence[str], path: Path, title: str = "") -> Path:
     """Confusion matrix heat map with counts (rows: true class, columns: predicted)."""
-    plt = _pyplot()
     cm = confusion.numpy() if hasattr(confusion, "numpy") else confusion
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n), dpi=120)
+    fig = new_figure(figsize=(1.0 + 0.6 * n, 0.8 + 0.55 * n), dpi=120)
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(n), classes, fontsize=8)
@@ -57,7 +59,6 @@ def plot_confusion(confusion, classes: Sequence[str], path: Path, title: str = "
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -66,7 +67,6 @@ def plot_comparison(curves: dict, path: Path, datasets: dict | None = None, titl
 
     Variants on different datasets get their own panel (accuracies on MNIST and Fashion-MNIST
     are not on the same scale)."""
-    plt = _pyplot()
     datasets = datasets or {}
     groups: dict[str, list[str]] = {}
     for name in curves:
@@ -75,10 +75,12 @@ def plot_comparison(curves: dict, path: Path, datasets: dict | None = None, titl
         groups[""] = []
     styles = ["-", "--", "-.", ":"]
     tallest = max(len(names) for names in groups.values())
-    fig, axes = plt.subplots(1, len(groups), figsize=(6.4 * len(groups), max(3.6, 1.2 + 0.24 * tallest)),
-                             dpi=120, squeeze=False)
+    import matplotlib
+
+    fig = new_figure(figsize=(6.4 * len(groups), max(3.6, 1.2 + 0.24 * tallest)), dpi=120)
+    axes = fig.subplots(1, len(groups), squeeze=False)
     for ax, (dataset, names) in zip(axes[0], groups.items()):
-        cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
+        cmap = matplotlib.colormaps.get_cmap("tab10" if len(names) <= 10 else "tab20")
         for i, name in enumerate(names):
             xs, ys = curves[name]
             ax.plot(xs, ys, styles[i % 2] if len(names) > 10 else "-",  # tab20: dark solid, light dashed
@@ -94,5 +96,4 @@ def plot_comparison(curves: dict, path: Path, datasets: dict | None = None, titl
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return path

@@ -27,7 +27,7 @@ from torch import nn
 from .._util import eval_mode, to_float
 from ..data import Dataset
 from ..errors import LenetError
-from ..inspect.plots import _pyplot
+from .plots import new_figure
 
 
 class VisualizeError(LenetError):
@@ -143,7 +143,6 @@ def _softmax_predictions(model: nn.Module, images: torch.Tensor) -> tuple[torch.
 def plot_activations(model: nn.Module, data: Dataset, indices: Sequence[int], path: str | Path,
                      title: str = "", cols: int = 8) -> Path:
     """For each test image: the input (with true and predicted class) and the maps of 2 conv stages."""
-    plt = _pyplot()
     from matplotlib.gridspec import GridSpec
 
     images = to_float(data.test.images[list(indices)])
@@ -155,7 +154,7 @@ def plot_activations(model: nn.Module, data: Dataset, indices: Sequence[int], pa
     block = sum(stage_rows)
     nrows = block * len(indices)
     cell = 0.75
-    fig = plt.figure(figsize=(1.6 + cell * (cols + 1.6), 0.6 + cell * nrows + 0.25 * len(indices)), dpi=110)
+    fig = new_figure(figsize=(1.6 + cell * (cols + 1.6), 0.6 + cell * nrows + 0.25 * len(indices)), dpi=110)
     gs = GridSpec(nrows, cols + 2, figure=fig, width_ratios=[1.6, 1.0] + [1] * cols,
                   hspace=0.35, wspace=0.08)
     # one colour scale per feature map, shared by all chosen images: map c of a sweater and of a
@@ -187,20 +186,19 @@ def plot_activations(model: nn.Module, data: Dataset, indices: Sequence[int], pa
     fig.suptitle(title or "input and feature maps after the activation of the first conv stages "
                           "(each map on its own colour scale, shared by the images)", fontsize=9)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
 def plot_filters(model: nn.Module, path: str | Path, title: str = "", cols: int = 8) -> Path:
     """The first conv layer's kernels as a grid (red positive, blue negative, one shared scale)."""
-    plt = _pyplot()
     name, conv = first_conv(model)
     w = conv.weight.detach().cpu().float()  # (out, in, k, k)
     kernels = [(o, i, w[o, i]) for o in range(w.shape[0]) for i in range(w.shape[1])]
     cols = min(cols, len(kernels))
     rows = math.ceil(len(kernels) / cols)
     lim = float(w.abs().max()) or 1.0
-    fig, axes = plt.subplots(rows, cols, figsize=(1.0 + 1.1 * cols, 0.9 + 1.15 * rows), dpi=110, squeeze=False)
+    fig = new_figure(figsize=(1.0 + 1.1 * cols, 0.9 + 1.15 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
     im = None
     for ax in axes.flat:
         ax.axis("off")
@@ -211,7 +209,6 @@ def plot_filters(model: nn.Module, path: str | Path, title: str = "", cols: int 
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
     fig.suptitle(title or f"{name}: {w.shape[0]} kernels of {w.shape[2]}x{w.shape[3]}", fontsize=9)
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)
 
 
@@ -240,10 +237,10 @@ def confident_mistakes(model: nn.Module, data: Dataset, count: int = 16, *,
 
 def plot_mistakes(mistakes: list[Mistake], data: Dataset, path: str | Path, title: str = "",
                   cols: int = 6) -> Path:
-    plt = _pyplot()
     cols = max(1, min(cols, len(mistakes)))
     rows = max(1, math.ceil(len(mistakes) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(0.4 + 1.75 * cols, 0.7 + 2.3 * rows), dpi=110, squeeze=False)
+    fig = new_figure(figsize=(0.4 + 1.75 * cols, 0.7 + 2.3 * rows), dpi=110)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, m in zip(axes.flat, mistakes):
@@ -255,5 +252,4 @@ def plot_mistakes(mistakes: list[Mistake], data: Dataset, path: str | Path, titl
     fig.suptitle(title or "most confidently misclassified test images (confidence = softmax)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
     return Path(path)

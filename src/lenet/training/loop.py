@@ -34,7 +34,7 @@ from torch import nn
 
 from .. import __version__
 from .._util import to_float
-from ..data import Dataset, load_dataset
+from ..data import Dataset, is_builtin, load_dataset
 from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from ..models import config_to_dict, get_entry, param_count, resolve_config
 from ..options import TrainConfig, resolve_device
@@ -98,6 +98,8 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
     cfg = cfg or TrainConfig()
     cfg.validate()
     resolve_config(cfg.model, cfg.overrides)  # refuse a bad model config before touching the disk
+    if not is_builtin(cfg.dataset) and Path(cfg.dataset).expanduser().exists():  # a run can find it from anywhere
+        cfg = dataclasses.replace(cfg, dataset=str(Path(cfg.dataset).expanduser().resolve()))
     if not distributed.world().is_main:  # under torchrun, rank 0 alone writes the run folder
         out = None
     run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
@@ -195,7 +197,12 @@ def prepare(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, log
     device, joined = _join(cfg, world)
     configure_threads(world.local_size)
     model_cfg = resolve_config(cfg.model, cfg.overrides)
-    data = data if data is not None else load_dataset(cfg.dataset, cfg.data_root, log=log)
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_root, test_fraction=cfg.test_fraction,
+                            image_size=getattr(model_cfg, "in_size", 28), log=log)
+        for note in data.notes:
+            log(f"note: {note}")
+    model_cfg = _fit_classes(cfg, model_cfg, data)
     _check_fits(model_cfg, data)
 
     torch.manual_seed(cfg.seed)
@@ -325,6 +332,13 @@ def _join(cfg: TrainConfig, world: distributed.World) -> tuple[torch.device, boo
     return distributed.setup(world, device)
 
 
+def _fit_classes(cfg: TrainConfig, model_cfg: Any, data: Dataset) -> Any:
+    """Output units follow the dataset's classes unless --num-classes / --set num_classes chose."""
+    if "num_classes" in cfg.overrides or getattr(model_cfg, "num_classes", None) in (None, data.num_classes):
+        return model_cfg
+    return resolve_config(cfg.model, {**cfg.overrides, "num_classes": data.num_classes})
+
+
 def _check_fits(model_cfg: Any, data: Dataset) -> None:
     """The model's input size and output units must fit the dataset."""
     if hasattr(model_cfg, "num_classes") and model_cfg.num_classes < data.num_classes:
@@ -369,6 +383,8 @@ def _config_json(run: Run) -> dict[str, Any]:
     cfg, data = run.cfg, run.data
     out = {"model": cfg.model, "model_config": config_to_dict(run.model_cfg), "dataset": data.name,
            "classes": list(data.classes), "train": dataclasses.asdict(cfg),
+           "data": {"source": data.source or cfg.dataset, "split": data.split, "test_fraction": cfg.test_fraction,
+                    "image_size": int(data.train.images.shape[-1]), "train": len(data.train), "test": len(data.test)},
            "parameters": param_count(run.state.model), "device": str(run.device), "lenet_version": __version__,
            "torch_version": torch.__version__, "python": platform.python_version()}
     if run.world.active:

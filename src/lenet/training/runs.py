@@ -195,7 +195,17 @@ class LoadedRun:
 
     @property
     def dataset(self) -> str:
+        """The dataset's name (a built-in name, or the folder or file name of your own)."""
         return self.config["dataset"]
+
+    def load_data(self, data_root: str | None = None, log=print):
+        """The dataset this run was trained on, loaded as it was (the same path and test split)."""
+        from ..data import load_dataset
+
+        data = self.config.get("data", {})
+        return load_dataset(data.get("source", self.dataset), data_root,
+                            test_fraction=data.get("test_fraction", 0.1),
+                            image_size=data.get("image_size", 28), log=log)
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -33,90 +33,13 @@ import torch
 from torch import nn
 
 from ..errors import ImageError
+from ..images import (MAX_PIXELS, CorruptImageError, ImageTooLargeError, NotAnImageError,  # noqa: F401
+                      decode_image, load_image, resize, to_grey, to_uint8)
 
 SIZE = 28
 DIGIT_BOX = 20
-MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded
 MODES = ("digits", "fit", "none")
 DIGIT_DATASETS = ("mnist", "emnist", "kmnist", "qmnist")
-
-
-class NotAnImageError(ImageError):
-    """The bytes are not an image format Pillow can read (or the file is empty)."""
-
-
-class CorruptImageError(ImageError):
-    """The file looks like an image but cannot be decoded (truncated, damaged)."""
-
-
-class ImageTooLargeError(ImageError):
-    """The image has more pixels than :data:`MAX_PIXELS`."""
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-
-def decode_image(data: bytes, name: str = "<upload>"):
-    """Decode image bytes (PNG, JPEG, GIF, BMP, WebP, ... anything Pillow reads) into a PIL image."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise NotAnImageError(f"{name}: empty file, not an image")
-    try:
-        img = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise NotAnImageError(f"{name}: not an image file Pillow can read (expected PNG, JPEG, ...)") from None
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"{name}: image is too large to decode safely") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise CorruptImageError(f"{name}: cannot read image header ({exc})") from None
-    w, h = img.size
-    if w < 1 or h < 1:
-        raise CorruptImageError(f"{name}: image has no pixels ({w}x{h})")
-    if w * h > MAX_PIXELS:
-        raise ImageTooLargeError(f"{name}: image is {w}x{h} pixels, more than the {MAX_PIXELS:,} "
-                                 "allowed; scale it down first")
-    try:
-        img.load()
-        img = ImageOps.exif_transpose(img)
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"{name}: image is too large to decode safely") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        kind = f"{img.format} image" if img.format else "image"
-        raise CorruptImageError(f"{name}: corrupt or truncated {kind} ({exc})") from None
-    return img
-
-
-def load_image(path: str | os.PathLike):
-    """Read an image file, turning every way it can fail into one :class:`ImageError` line."""
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ImageError(f"{path}: image file not found") from None
-    except IsADirectoryError:
-        raise ImageError(f"{path}: is a folder, not an image file") from None
-    except OSError as exc:
-        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return decode_image(data, str(path))
-
-
-def to_grey(img) -> np.ndarray:
-    """A PIL image -> float32 (H, W) in [0, 1]; transparent parts become white paper."""
-    from PIL import Image
-
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(paper, rgba)
-    if img.mode.startswith("I;16"):  # 16-bit grey: scale by the type's range
-        return (np.asarray(img, dtype=np.float64) / 65535.0).astype(np.float32)
-    if img.mode in ("I", "F"):  # 32-bit: no fixed range, stretch to [0, 1]
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(arr.min()), float(arr.max())
-        return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
-    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,21 +49,6 @@ def to_grey(img) -> np.ndarray:
 def mode_for_dataset(dataset: str) -> str:
     """The preprocessing that makes an image look like ``dataset``: digits (MNIST recipe) or fit."""
     return "digits" if dataset.lower() in DIGIT_DATASETS else "fit"
-
-
-def _resize(arr: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize a float [0, 1] image with antialiasing (Lanczos on a float image)."""
-    from PIL import Image
-
-    if arr.shape == (height, width):
-        return arr.astype(np.float32)
-    img = Image.fromarray(arr.astype(np.float32))
-    out = np.asarray(img.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
-    return np.clip(out, 0.0, 1.0)
-
-
-def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
 
 
 @dataclass
@@ -159,7 +67,7 @@ def preprocess(img, mode: str = "digits") -> Prepared:
         raise ValueError(f"unknown preprocessing mode {mode!r}: choose one of {', '.join(MODES)}")
     grey = to_grey(img)
     if mode == "none":
-        return Prepared(_to_uint8(_resize(grey, SIZE, SIZE)), mode)
+        return Prepared(to_uint8(resize(grey, SIZE, SIZE)), mode)
 
     border = np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
     inverted = bool(np.median(border) > 0.5)
@@ -169,7 +77,7 @@ def preprocess(img, mode: str = "digits") -> Prepared:
     if min(grey.shape) >= 64:  # a 3x3 median removes speckle noise; small images keep thin strokes
         from PIL import Image, ImageFilter
 
-        grey = np.asarray(Image.fromarray(_to_uint8(grey)).filter(ImageFilter.MedianFilter(3)),
+        grey = np.asarray(Image.fromarray(to_uint8(grey)).filter(ImageFilter.MedianFilter(3)),
                           dtype=np.float32) / 255.0
         border = np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
     background = float(np.percentile(border, 95))
@@ -186,7 +94,7 @@ def preprocess(img, mode: str = "digits") -> Prepared:
     box = DIGIT_BOX if mode == "digits" else SIZE
     scale = box / max(h, w)
     nh, nw = max(1, min(box, round(h * scale))), max(1, min(box, round(w * scale)))
-    patch = _resize(level, nw, nh)
+    patch = resize(level, nw, nh)
     out = np.zeros((SIZE, SIZE), np.float32)
     if mode == "digits":
         total = float(patch.sum())
@@ -200,7 +108,7 @@ def preprocess(img, mode: str = "digits") -> Prepared:
     else:
         top, left = (SIZE - nh) // 2, (SIZE - nw) // 2
     out[top:top + nh, left:left + nw] = patch
-    return Prepared(_to_uint8(out), mode, inverted)
+    return Prepared(to_uint8(out), mode, inverted)
 
 
 # --------------------------------------------------------------------------------------------

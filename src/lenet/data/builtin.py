@@ -1,8 +1,4 @@
-"""Datasets: IDX parsing, discovery, verified download, and in-memory tensors.
-
-The whole dataset lives in memory as uint8 tensors (Fashion-MNIST train is 47 MB); batches are
-made by indexing those tensors, not by a per-sample ``Dataset``. Pixels become floats in [0, 1]
-only inside a batch (:func:`to_float`).
+"""The built-in datasets (Fashion-MNIST, MNIST): discovery, verified download, loading.
 
 Where a dataset is looked for, in order (the first folder holding all four files wins):
 
@@ -13,44 +9,31 @@ Where a dataset is looked for, in order (the first folder holding all four files
 4. a download from the dataset's official mirrors into the first data root above.
 
 Integrity is checked on the *decompressed* bytes (SHA-256 and size), because Debian recompresses
-the .gz files. Decoded, verified arrays are cached as ``.npy`` beside the data root's files so
-later starts skip gzip and hashing.
+the .gz files. Decoded, verified arrays are cached (:mod:`.cache`) under the hash of the files as
+stored, so a later start reads and hashes the files but skips gzip and the checksums, and a
+file that changed since is verified again.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import gzip
 import hashlib
 import os
-import struct
-import tempfile
 import time
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
 
-from ._util import atomic_write_bytes, cache_dir, to_float  # noqa: F401 (re-exported)
-from .errors import DataError, IdxFormatError
+from .._util import atomic_write_bytes, cache_dir
+from ..errors import DataError
+from .cache import Entry, file_digest
+from .dataset import Dataset, from_arrays
+from .idx import _read_bytes, check_pair, parse_idx
 
 DEBIAN_ROOT = Path("/usr/share/datasets")
-
-# IDX type codes (first two bytes are zero, third is the type, fourth the number of dimensions).
-_IDX_TYPES = {
-    0x08: np.dtype(np.uint8),
-    0x09: np.dtype(np.int8),
-    0x0B: np.dtype(">i2"),
-    0x0C: np.dtype(">i4"),
-    0x0D: np.dtype(">f4"),
-    0x0E: np.dtype(">f8"),
-}
-
 
 @dataclass(frozen=True)
 class FileSpec:
@@ -123,83 +106,6 @@ def get_spec(name: str) -> DatasetSpec:
         return DATASETS[name]
     except KeyError:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}") from None
-
-
-# --------------------------------------------------------------------------------------------
-# IDX reading
-
-
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, decompressed if it is gzip (detected by its magic, not its name)."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise IdxFormatError(
-                f"{path}: corrupt or truncated gzip ({exc}); delete it and fetch the data again "
-                "(lenet data fetch)") from None
-    return raw
-
-
-def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:
-    """Parse IDX bytes into an array; raise :class:`IdxFormatError` naming ``source`` if malformed."""
-    if len(data) == 0:
-        raise IdxFormatError(f"{source}: file is empty")
-    if len(data) < 4:
-        raise IdxFormatError(f"{source}: only {len(data)} bytes, too short for an IDX header")
-    zero, type_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0:
-        raise IdxFormatError(
-            f"{source}: bad IDX magic 0x{data[:4].hex()} (must start with two zero bytes); "
-            "this is not an IDX file")
-    if type_code not in _IDX_TYPES:
-        raise IdxFormatError(f"{source}: unknown IDX element type 0x{type_code:02x}")
-    if ndim == 0:
-        raise IdxFormatError(f"{source}: IDX header declares zero dimensions")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IdxFormatError(
-            f"{source}: truncated header: {ndim} dimensions need {header} bytes, file has {len(data)}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = _IDX_TYPES[type_code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    actual = len(data) - header
-    if actual != expected:
-        shape = "x".join(map(str, dims))
-        what = "truncated" if actual < expected else "has trailing bytes"
-        raise IdxFormatError(
-            f"{source}: {what}: header declares {shape} = {expected} bytes of data, file has {actual}")
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=False)
-
-
-def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (raw or gzip) into a numpy array."""
-    path = Path(path)
-    return parse_idx(_read_bytes(path), str(path))
-
-
-def check_pair(images: np.ndarray, labels: np.ndarray, num_classes: int,
-               images_src: str = "images", labels_src: str = "labels") -> None:
-    """Check that an image file and a label file belong together."""
-    if images.ndim != 3:
-        raise IdxFormatError(f"{images_src}: expected 3 dimensions (count, rows, cols), got shape {images.shape}")
-    if images.dtype != np.uint8:
-        raise IdxFormatError(f"{images_src}: expected unsigned byte pixels, got {images.dtype}")
-    if labels.ndim != 1:
-        raise IdxFormatError(f"{labels_src}: expected 1 dimension (count), got shape {labels.shape}")
-    if images.shape[0] != labels.shape[0]:
-        raise IdxFormatError(
-            f"{labels_src}: {labels.shape[0]} labels for {images.shape[0]} images in {images_src}")
-    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        bad = int(labels.max()) if labels.max() >= num_classes else int(labels.min())
-        raise IdxFormatError(f"{labels_src}: label {bad} outside the class range 0..{num_classes - 1}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,77 +258,15 @@ def fetch(name: str, data_root=None, *, timeout: float = 10.0, retries: int = 3,
 
 
 # --------------------------------------------------------------------------------------------
-# In-memory dataset
+# Loading
 
 
-@dataclass
-class Split:
-    """One split held in memory: uint8 images (N, 28, 28) and int64 labels (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def head(self, n: int | None) -> "Split":
-        """The first ``n`` examples (all of them for None)."""
-        return self if n is None else Split(self.images[:n], self.labels[:n])
+KEYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
-@dataclass
-class Dataset:
-    name: str
-    classes: tuple[str, ...]
-    train: Split
-    test: Split
-    folder: Path | None = None
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def head(self, train: int | None = None, test: int | None = None) -> "Dataset":
-        """The same dataset cut to its first ``train`` training and ``test`` test examples."""
-        return dataclasses.replace(self, train=self.train.head(train), test=self.test.head(test))
-
-
-def _decoded_cache_path(f: FileSpec) -> Path:
-    return cache_dir() / "decoded" / f"{f.name}-{f.sha256[:16]}.npy"
-
-
-def _load_file(folder: Path, f: FileSpec, verify_checksums: bool) -> np.ndarray:
-    cached = _decoded_cache_path(f)
-    if verify_checksums and cached.is_file():
-        try:
-            arr = np.load(cached, mmap_mode=None, allow_pickle=False)
-            return arr
-        except (OSError, ValueError):
-            cached.unlink(missing_ok=True)
-    path = _file_in(folder, f)
-    if path is None:
-        raise DataError(f"{folder / (f.name + '.gz')}: file not found")
-    if verify_checksums:
-        data = verify_file(path, f)
-    else:
-        data = _read_bytes(path)
-    arr = parse_idx(data, str(path))
-    if verify_checksums:  # only verified content is cached, keyed by its checksum
-        try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cached.parent, suffix=".npy.part")
-            with os.fdopen(fd, "wb") as fh:
-                np.save(fh, arr, allow_pickle=False)
-            os.replace(tmp, cached)
-        except OSError:
-            pass  # a read-only cache only costs speed
-    return arr
-
-
-def load_dataset(name: str = "fashion-mnist", data_root=None, *, download: bool | None = None,
-                 verify_checksums: bool = True, log=print) -> Dataset:
-    """Load a dataset into memory, finding (or downloading) it as described in the module doc.
+def load_builtin(name: str, data_root=None, *, download: bool | None = None, verify_checksums: bool = True,
+                 log=print) -> Dataset:
+    """Load built-in dataset ``name`` into memory, finding (or downloading) it as the module doc says.
 
     ``download=None`` means: download unless the environment variable ``LENET_NO_DOWNLOAD`` is set.
     """
@@ -434,39 +278,17 @@ def load_dataset(name: str = "fashion-mnist", data_root=None, *, download: bool 
         if not download:
             raise DataError(_not_found_message(name, data_root))
         folder = fetch(name, data_root, log=log)
-    arrays = {key: _load_file(folder, getattr(spec, key), verify_checksums)
-              for key in ("train_images", "train_labels", "test_images", "test_labels")}
-    for split in ("train", "test"):
-        check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], len(spec.classes),
-                   str(_file_in(folder, getattr(spec, f"{split}_images"))),
-                   str(_file_in(folder, getattr(spec, f"{split}_labels"))))
-
-    def split(prefix: str) -> Split:
-        images = arrays[f"{prefix}_images"]
-        if not images.flags.writeable:  # parsed in place from the file's bytes
-            images = images.copy()
-        return Split(torch.from_numpy(np.ascontiguousarray(images)),
-                     torch.from_numpy(arrays[f"{prefix}_labels"].astype(np.int64)))
-
-    return Dataset(name=name, classes=spec.classes, train=split("train"), test=split("test"),
-                   folder=folder)
-
-
-def synthetic_dataset(n_train: int = 512, n_test: int = 256, num_classes: int = 10,
-                      seed: int = 0, size: int = 28) -> Dataset:
-    """A small learnable dataset (class = position of a bright square) for tests and benchmarks."""
-    if not 1 <= num_classes <= 10:
-        raise ValueError("synthetic_dataset supports 1 to 10 classes")
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n):
-        labels = torch.randint(0, num_classes, (n,), generator=g)
-        images = torch.randint(0, 40, (n, size, size), generator=g, dtype=torch.uint8)
-        cols = 5
-        for i, c in enumerate(labels.tolist()):
-            r0, c0 = 2 + (c // cols) * 12, 2 + (c % cols) * 5
-            images[i, r0:r0 + 8, c0:c0 + 4] = 255
-        return Split(images, labels)
-
-    return Dataset(name="synthetic", classes=tuple(f"class{i}" for i in range(num_classes)),
-                   train=make(n_train), test=make(n_test))
+    paths = {key: _file_in(folder, getattr(spec, key)) for key in KEYS}
+    entry = Entry("builtin", str(folder.resolve()), {"name": name, "verified": verify_checksums},
+                  [(p.name, file_digest(p)) for p in paths.values()])
+    arrays = entry.load() if verify_checksums else None
+    if arrays is None:
+        arrays = {key: parse_idx(verify_file(path, getattr(spec, key)) if verify_checksums else _read_bytes(path),
+                                 str(path)) for key, path in paths.items()}
+        for split in ("train", "test"):
+            check_pair(arrays[f"{split}_images"], arrays[f"{split}_labels"], len(spec.classes),
+                       str(paths[f"{split}_images"]), str(paths[f"{split}_labels"]))
+        if verify_checksums:  # only verified content is cached
+            entry.save(arrays)
+    return from_arrays(name, spec.classes, (arrays["train_images"], arrays["train_labels"]),
+                       (arrays["test_images"], arrays["test_labels"]), folder=folder, source=name)

@@ -1,0 +1,108 @@
+"""Image files, read safely: decoding with limits, grey-scale, and resizing.
+
+Used by prediction (:mod:`lenet.use.predict`) and by datasets of image files
+(:mod:`lenet.data.folders`). Every way a file can fail to be an image ends as one
+:class:`~lenet.errors.ImageError` naming it; an image with more than :data:`MAX_PIXELS` pixels
+is refused from its header, before it is decoded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageError
+
+MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded
+
+
+class NotAnImageError(ImageError):
+    """The bytes are not an image format Pillow can read (or the file is empty)."""
+
+
+class CorruptImageError(ImageError):
+    """The file looks like an image but cannot be decoded (truncated, damaged)."""
+
+
+class ImageTooLargeError(ImageError):
+    """The image has more pixels than :data:`MAX_PIXELS`."""
+
+
+def decode_image(data: bytes, name: str = "<upload>"):
+    """Decode image bytes (PNG, JPEG, GIF, BMP, WebP, ... anything Pillow reads) into a PIL image."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not data:
+        raise NotAnImageError(f"{name}: empty file, not an image")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise NotAnImageError(f"{name}: not an image file Pillow can read (expected PNG, JPEG, ...)") from None
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"{name}: image is too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise CorruptImageError(f"{name}: cannot read image header ({exc})") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise CorruptImageError(f"{name}: image has no pixels ({w}x{h})")
+    if w * h > MAX_PIXELS:
+        raise ImageTooLargeError(f"{name}: image is {w}x{h} pixels, more than the {MAX_PIXELS:,} "
+                                 "allowed; scale it down first")
+    try:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Image.DecompressionBombError:
+        raise ImageTooLargeError(f"{name}: image is too large to decode safely") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        kind = f"{img.format} image" if img.format else "image"
+        raise CorruptImageError(f"{name}: corrupt or truncated {kind} ({exc})") from None
+    return img
+
+
+def load_image(path: str | os.PathLike):
+    """Read an image file, turning every way it can fail into one :class:`ImageError` line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file not found") from None
+    except IsADirectoryError:
+        raise ImageError(f"{path}: is a folder, not an image file") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return decode_image(data, str(path))
+
+
+def to_grey(img) -> np.ndarray:
+    """A PIL image -> float32 (H, W) in [0, 1]; transparent parts become white paper."""
+    from PIL import Image
+
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(paper, rgba)
+    if img.mode.startswith("I;16"):  # 16-bit grey: scale by the type's range
+        return (np.asarray(img, dtype=np.float64) / 65535.0).astype(np.float32)
+    if img.mode in ("I", "F"):  # 32-bit: no fixed range, stretch to [0, 1]
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        return ((arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)).astype(np.float32)
+    return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+
+
+def resize(arr: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize a float [0, 1] image with antialiasing (Lanczos on a float image)."""
+    from PIL import Image
+
+    if arr.shape == (height, width):
+        return arr.astype(np.float32)
+    img = Image.fromarray(arr.astype(np.float32))
+    out = np.asarray(img.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
+    return np.clip(out, 0.0, 1.0)
+
+
+def to_uint8(arr: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(arr * 255.0), 0, 255).astype(np.uint8)
