@@ -14,7 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO / "src"), str(REPO / "tests")]
 
 import browser  # noqa: E402
-from lenet.serve import make_server, running  # noqa: E402
+from lenet.use.serve import make_server, running  # noqa: E402
 
 
 def main() -> int:

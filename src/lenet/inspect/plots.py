@@ -18,8 +18,9 @@ def new_figure(**kwargs):
     return Figure(**kwargs)
 
 
-def plot_curves(curve: Sequence[dict], path: Path, title: str = "") -> Path:
-    """The book's animator figure: train loss, train acc (5 points an epoch) and test acc per epoch."""
+def curves_figure(curve: Sequence[dict], title: str = "", epochs: float | None = None):
+    """The book's animator figure: train loss, train acc (5 points an epoch) and test acc per
+    epoch; the x axis runs to ``epochs`` (the whole run, while it is still training)."""
     fig = new_figure(figsize=(4.5, 3.2), dpi=120)
     ax = fig.subplots()
     pts = [r for r in curve if r.get("train_loss") is not None]
@@ -27,15 +28,19 @@ def plot_curves(curve: Sequence[dict], path: Path, title: str = "") -> Path:
     ax.plot([r["epoch"] for r in pts], [r["train_loss"] for r in pts], "-", label="train loss")
     ax.plot([r["epoch"] for r in pts], [r["train_acc"] for r in pts], "m--", label="train acc")
     ax.plot([r["epoch"] for r in tests], [r["test_acc"] for r in tests], "g-.", marker=".", label="test acc")
-    last = max([r["epoch"] for r in curve] + [1])
-    ax.set_xlim(0, last)
+    ax.set_xlim(0, epochs or max([r["epoch"] for r in curve] + [1]))
     ax.set_xlabel("epoch")
     ax.grid(True, alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def plot_curves(curve: Sequence[dict], path: Path, title: str = "") -> Path:
+    """Save :func:`curves_figure` of a finished run."""
+    curves_figure(curve, title).savefig(path)
     return path
 
 

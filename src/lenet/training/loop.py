@@ -39,6 +39,7 @@ from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from ..models import config_to_dict, get_entry, param_count, resolve_config
 from ..options import TrainConfig, resolve_device
 from . import distributed, runs
+from ..inspect.live import live_plot
 from .engine import EngineOptions, Evaluator, TrainStep, configure_threads
 from .optim import make_optimizer, make_schedule
 from .state import EpochMetrics, TrainState
@@ -88,12 +89,13 @@ class TrainResult:
 
 def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: str | Path | None = None,
           overwrite: bool = False, progress: bool = False, log: Log | None = None,
-          model: nn.Module | None = None) -> TrainResult:
+          model: nn.Module | None = None, plot: bool = False) -> TrainResult:
     """Train a model as ``cfg`` says; if ``out`` is given, write a run folder there.
 
     ``data`` skips dataset discovery (e.g. a synthetic dataset); ``model`` trains a ready-made
     module instead of building ``cfg.model``. With a run folder, a checkpoint is written atomically
-    at the end of every epoch, so :func:`resume` can continue after a crash or Ctrl-C.
+    at the end of every epoch, so :func:`resume` can continue after a crash or Ctrl-C. ``plot``:
+    in a Jupyter notebook, draw the book's training curves live (nothing changes elsewhere).
     """
     cfg = cfg or TrainConfig()
     cfg.validate()
@@ -103,11 +105,12 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
     if not distributed.world().is_main:  # under torchrun, rank 0 alone writes the run folder
         out = None
     run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
-    return fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, model=model)
+    return fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, model=model, plot=plot)
 
 
 def resume(run_dir: str | Path, *, data_root: str | None = None, device: str | None = None,
-           data: Dataset | None = None, progress: bool = False, log: Log | None = None) -> TrainResult:
+           data: Dataset | None = None, progress: bool = False, log: Log | None = None,
+           plot: bool = False) -> TrainResult:
     """Continue the run in ``run_dir`` from its last checkpoint, with its saved configuration.
 
     On CPU the resumed run ends with exactly the metrics and weights of an uninterrupted run.
@@ -122,7 +125,7 @@ def resume(run_dir: str | Path, *, data_root: str | None = None, device: str | N
     if checkpoint is None:
         raise CheckpointError(f"{run_dir}: no checkpoint yet (the run stopped before its first epoch "
                               f"ended); start it again with --out {run_dir} --overwrite")
-    return fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, checkpoint=checkpoint)
+    return fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, checkpoint=checkpoint, plot=plot)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,19 +134,20 @@ def resume(run_dir: str | Path, *, data_root: str | None = None, device: str | N
 
 def fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progress: bool,
         log: Log | None, model: nn.Module | None = None,
-        checkpoint: dict[str, Any] | None = None) -> TrainResult:
+        checkpoint: dict[str, Any] | None = None, plot: bool = False) -> TrainResult:
     """Prepare, then for each epoch: train, evaluate, log, checkpoint; then finish."""
     run = prepare(cfg, data=data, run_dir=run_dir, log=log, model=model)
     try:
         begin(run, checkpoint)
-        bar = Progress(progress, run.log)
+        bar = Progress(progress, run.log, live_plot(plot and run.world.is_main, cfg.epochs,
+                                                    f"{cfg.model} on {run.data.name}"))
         try:
             for epoch in range(run.state.epoch + 1, cfg.epochs + 1):
                 bar.start_epoch(epoch, cfg.epochs, run.steps)
                 loss, acc, count, seconds = train_epoch(run, epoch, bar)
                 test_acc = evaluate_test(run)
                 metrics = log_epoch(run, epoch, loss, acc, count, seconds, test_acc)
-                bar.end_epoch(metrics, cfg.epochs)
+                bar.end_epoch(metrics, cfg.epochs, run.state.curve)
                 save_checkpoint(run)
         except KeyboardInterrupt:
             bar.close()
@@ -263,7 +267,9 @@ def train_epoch(run: Run, epoch: int, bar: "Progress") -> tuple[float, float, in
                 raise _diverged(run, tl, f"in epoch {epoch} before step {i + 1}")
             state.curve.append({"epoch": epoch - 1 + (i + 1) / run.steps, "train_loss": tl, "train_acc": ta,
                                 "test_acc": None})
-            bar.update(i + 1 - last_mark, tl, ta, (state.seen + n) / max(elapsed, 1e-9))
+            shown = time.perf_counter()
+            bar.update(i + 1 - last_mark, tl, ta, (state.seen + n) / max(elapsed, 1e-9), state.curve)
+            t_epoch += time.perf_counter() - shown  # drawing progress is not training time
             last_mark = i + 1
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -444,11 +450,13 @@ class _DeferInterrupt:
 
 
 class Progress:
-    """Live progress: a tqdm bar per epoch (when enabled) and one line per epoch."""
+    """Live progress: a tqdm bar per epoch (when enabled), one line per epoch, and the curves
+    redrawn at every point in a notebook (when there is a :class:`~lenet.inspect.live.LivePlot`)."""
 
-    def __init__(self, enabled: bool, log: Log):
+    def __init__(self, enabled: bool, log: Log, plot=None):
         self.enabled = enabled
         self.log = log
+        self.plot = plot
         self.bar = None
 
     def start_epoch(self, epoch: int, epochs: int, steps: int) -> None:
@@ -458,7 +466,9 @@ class Progress:
             self.bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", unit="batch", leave=False,
                             dynamic_ncols=True, file=sys.stderr)
 
-    def update(self, steps: int, loss: float, acc: float, rate: float) -> None:
+    def update(self, steps: int, loss: float, acc: float, rate: float, curve: list[dict]) -> None:
+        if self.plot is not None:
+            self.plot.update(curve)
         if self.bar is not None:
             self.bar.set_postfix_str(f"loss {loss:.3f}, acc {acc:.3f}, {rate:,.0f} ex/s", refresh=False)
             self.bar.update(steps)
@@ -468,8 +478,10 @@ class Progress:
             self.bar.close()
             self.bar = None
 
-    def end_epoch(self, m: EpochMetrics, epochs: int) -> None:
+    def end_epoch(self, m: EpochMetrics, epochs: int, curve: list[dict]) -> None:
         self.close()
+        if self.plot is not None:
+            self.plot.update(curve)
         self.log(f"epoch {m.epoch:>{len(str(epochs))}}/{epochs}: loss {m.train_loss:.3f}, "
                  f"train acc {m.train_acc:.3f}, test acc {m.test_acc:.3f}, "
                  f"{m.examples_per_sec:,.0f} examples/sec, {m.epoch_time_s:.1f} s")
