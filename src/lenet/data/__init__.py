@@ -89,8 +89,8 @@ def _sources(path: Path, kind: str) -> tuple[dict[str, list], list[str]]:
 def _decode_cached(path: Path, kind: str, image_size: int) -> tuple[dict[str, np.ndarray], list[str]]:
     sources, notes = _sources(path, kind)
     if kind == "images":
-        listed = [(str(f.relative_to(path)), label) for _, (_, files) in sources.items() for f, label in files]
-        digests = [(name, file_digest(path / name)) for name, _ in listed]
+        start = len(str(path)) + 1
+        digests = [(str(f)[start:], file_digest(f)) for _, (_, files) in sources.items() for f, _ in files]
         params = {"size": image_size}  # the class of each file is in its name
     else:
         digests = [(str(f), file_digest(f)) for files in sources.values() for f in files]

@@ -25,7 +25,7 @@ VERSION = 1  # bump when what a loader stores changes
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     """SHA-256 of a file's bytes as stored (compressed or not)."""
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open(path, "rb", buffering=0) as fh:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()

@@ -19,6 +19,7 @@ is larger than :data:`lenet.images.MAX_PIXELS`, stops the load with its name.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -54,12 +55,13 @@ def scan(root: Path) -> tuple[list[str], list[tuple[Path, int]], list[Path]]:
         raise DataError(f"{root}: no class folders; put each class's images in a folder named after it")
     files, skipped = [], []
     for index, name in enumerate(classes):
-        entries = sorted((f for f in (root / name).iterdir() if not f.name.startswith(".")), key=lambda f: natural_key(f.name))
-        images = [f for f in entries if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS]
-        skipped += [f for f in entries if f not in images]
-        if not images:
+        with os.scandir(root / name) as it:
+            entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: natural_key(e.name))
+        is_image = [os.path.splitext(e.name)[1].lower() in IMAGE_EXTENSIONS and e.is_file() for e in entries]
+        skipped += [Path(e.path) for e, ok in zip(entries, is_image) if not ok]
+        if not any(is_image):
             raise DataError(f"{root / name}: class folder with no images (.png, .jpg, ...); add images or remove it")
-        files += [(f, index) for f in images]
+        files += [(Path(e.path), index) for e, ok in zip(entries, is_image) if ok]
     return classes, files, skipped
 
 
