@@ -111,6 +111,7 @@ def _rows(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.slow
 def test_compare_runs_writes_table_and_skips_finished(tmp_path, fashion):
     spec_path = tmp_path / "tiny.toml"
     spec_path.write_text(TINY)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import errno
 import gzip
+import json
+import math
 import os
 import pickle
+import select
 import shutil
 import signal
 import subprocess
@@ -17,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lenet.training import runs
-from lenet.errors import CheckpointError, LenetError
+from lenet.training import engine, runs
+from lenet.errors import CheckpointError, Interrupted, LenetError
 from lenet.models import create_model
 from lenet.training import TrainConfig, resume, train
 
@@ -50,29 +54,99 @@ def wait_for_epochs(out: Path, n: int, proc: subprocess.Popen, timeout: float = 
     raise AssertionError("training did not reach the epoch in time")
 
 
+# Recipes whose state outlives an epoch: momentum buffers or Adam's moments, a schedule that moves
+# the learning rate (and one-cycle the momentum) every step, dropout drawing from torch's global
+# RNG. A resume that dropped any of them would continue differently from the uninterrupted run.
+RESUME_RECIPES = [
+    pytest.param({"optimizer": "momentum", "schedule": "onecycle", "lr": 0.1}, id="momentum-onecycle"),
+    pytest.param({"optimizer": "adam", "schedule": "cosine", "lr": 0.002}, id="adam-cosine"),
+]
+RESUME_EPOCHS, RESUME_STEPS = 3, 8  # 8 steps per epoch: 2,000 images in batches of 256
+DIE_AT_STEP = RESUME_STEPS + RESUME_STEPS // 2  # the middle of epoch 2
+
+
+def resume_config(recipe: dict) -> TrainConfig:
+    return TrainConfig(epochs=RESUME_EPOCHS, **recipe, overrides={"dropout": 0.3})
+
+
+def assert_same_run(run_dir: Path, straight_dir: Path, result, straight) -> None:
+    """The resumed run ended exactly as the uninterrupted one: metrics, and every final weight."""
+    assert metrics(run_dir) == metrics(straight_dir)
+    assert [(h.epoch, h.train_loss, h.train_acc, h.test_acc) for h in result.history] == \
+           [(h.epoch, h.train_loss, h.train_acc, h.test_acc) for h in straight.history]
+    a, b = weights(run_dir), weights(straight_dir)
+    assert a.keys() == b.keys() == set(straight.model.state_dict())
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"{name} differs after the resume"
+
+
+# Run in a process of its own: trains the recipe on the first 2,000 Fashion-MNIST images into a run
+# folder, says so on stdout when it is in the middle of epoch 2 (weights, optimizer, schedule and
+# RNGs moved past the epoch-1 checkpoint), then waits there for the test's SIGKILL.
+KILLED_RUN = """
+import json, sys
+from lenet.data import load_dataset
+from lenet.training import TrainConfig, engine, train
+
+out, stop_after, saved = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+data = load_dataset("fashion-mnist", download=False, log=lambda s: None).head(2000, 500)
+real_step, calls = engine.TrainStep.__call__, [0]
+
+def step(self, x, y):
+    result = real_step(self, x, y)
+    calls[0] += 1
+    if calls[0] == stop_after:
+        print(f"in the middle of the run, after step {calls[0]}", flush=True)
+        sys.stdin.readline()  # the test kills the process here
+        sys.exit("not killed")
+    return result
+
+engine.TrainStep.__call__ = step
+train(TrainConfig.from_dict(saved), data=data, out=out)
+sys.exit("the run ended before the kill")
+"""
+
+
+@pytest.mark.slow
 @needs_data
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    epochs = 3
-    straight = tmp_path / "straight"
-    proc = run_cli("train", "--epochs", str(epochs), "--out", str(straight), "--no-progress")
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.parametrize("recipe", RESUME_RECIPES)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(recipe, fashion, tmp_path):
+    cfg = resume_config(recipe)
+    data = fashion.head(2000, 500)
+    straight = train(cfg, data=data, out=tmp_path / "straight")
+    assert len(straight.history) == RESUME_EPOCHS
 
     killed = tmp_path / "killed"
-    p = start_training(killed, epochs)
-    wait_for_epochs(killed, 1, p)
-    time.sleep(1.0)  # well inside epoch 2
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert len(metrics(killed)) < epochs and not (killed / "model.safetensors").exists()
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    p = subprocess.Popen([sys.executable, "-c", KILLED_RUN, str(killed), str(DIE_AT_STEP),
+                          json.dumps(dataclasses.asdict(cfg))],
+                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready, _, _ = select.select([p.stdout], [], [], 300)
+        assert ready, "the run did not reach the middle of epoch 2 in 5 minutes"
+        line = p.stdout.readline()
+        assert line == f"in the middle of the run, after step {DIE_AT_STEP}\n", (line, p.communicate()[1])
+        state = runs.load_checkpoint(killed / "checkpoint.pt")
+        assert state["epoch"] == 1 < RESUME_EPOCHS  # the last checkpoint is epoch 1's; epoch 2 is running
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stdin.close()
+        p.stdout.close()
+        p.stderr.close()
+    assert p.returncode == -signal.SIGKILL  # died of the kill, mid-run: no chance to save anything
+    assert len(metrics(killed)) == 1 and not (killed / "model.safetensors").exists()
 
-    resumed = run_cli("train", "--resume", str(killed), "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resuming" in resumed.stdout
-    assert metrics(killed) == metrics(straight)
-    a, b = weights(killed), weights(straight)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    notes = []
+    resumed = resume(killed, data=data, log=notes.append)
+    assert f"resuming {killed} at epoch 2/{RESUME_EPOCHS}" in notes
+    assert_same_run(killed, tmp_path / "straight", resumed, straight)
 
 
+@pytest.mark.slow
 @needs_data
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
@@ -88,19 +162,36 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     assert state["epoch"] == len(metrics(out)) >= 1
 
 
-def test_resume_in_process_equals_straight_run(tmp_path):
+@pytest.mark.parametrize("recipe", RESUME_RECIPES)
+def test_resume_in_process_equals_straight_run(recipe, tmp_path, monkeypatch):
     from lenet.data import synthetic_dataset
 
-    ds = synthetic_dataset(512, 128)
-    straight = train(TrainConfig(epochs=3, batch_size=64, lr=0.5), data=ds, out=tmp_path / "a")
-    train(TrainConfig(epochs=3, batch_size=64, lr=0.5), data=ds, out=tmp_path / "b")
-    # roll run b back to its epoch-1 checkpoint, as if it had died in epoch 2
-    state = runs.load_checkpoint(tmp_path / "b" / "checkpoint.pt")
-    first = train(TrainConfig(epochs=1, batch_size=64, lr=0.5), data=ds, out=tmp_path / "c")
-    shutil.copy(tmp_path / "c" / "checkpoint.pt", tmp_path / "b" / "checkpoint.pt")
-    assert state["epoch"] == 3 and first.history[0].epoch == 1
+    ds = synthetic_dataset(512, 128)  # batches of 64: 8 steps per epoch, as above
+    cfg = dataclasses.replace(resume_config(recipe), batch_size=64)
+    straight = train(cfg, data=ds, out=tmp_path / "a")
+
+    # run b dies in the middle of epoch 2, after its state moved past the epoch-1 checkpoint
+    real_step, calls = engine.TrainStep.__call__, []
+
+    def dying_step(self, x, y):
+        result = real_step(self, x, y)
+        calls.append(1)
+        if len(calls) == DIE_AT_STEP:
+            raise KeyboardInterrupt
+        return result
+
+    with monkeypatch.context() as m:
+        m.setattr(engine.TrainStep, "__call__", dying_step)
+        with pytest.raises(Interrupted, match="1 of 3 epochs are saved"):
+            train(cfg, data=ds, out=tmp_path / "b")
+    assert len(calls) == DIE_AT_STEP
+    assert runs.load_checkpoint(tmp_path / "b" / "checkpoint.pt")["epoch"] == 1
+    assert not (tmp_path / "b" / "model.safetensors").exists()
+
     again = resume(tmp_path / "b", data=ds)
-    assert [(h.train_loss, h.test_acc) for h in again.history] == [(h.train_loss, h.test_acc) for h in straight.history]
+    assert_same_run(tmp_path / "b", tmp_path / "a", again, straight)
+    for (name, p), q in zip(again.model.state_dict().items(), straight.model.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_resume_without_checkpoint_or_run(tmp_path):
@@ -204,7 +295,7 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
     (["train", "--batch-size", "0"], ["argument --batch-size: 0 must be an integer >= 1"]),
     (["train", "--lr", "-0.1"], ["argument --lr: -0.1 must be a positive number"]),
     (["train", "--model", "alexnet"], ["unknown model 'alexnet'", "classic"]),
-    (["train", "--dataset", "cifar10"], ["argument --dataset: invalid choice: 'cifar10'"]),
+    (["train", "--dataset", "cifar10"], ["dataset 'cifar10': not a built-in one (fashion-mnist, mnist) and no such file or folder"]),
     (["train", "--set", "colour=blue"], ["unknown model setting 'colour'"]),
     (["train", "--set", "channels=six"], ["--set channels=six: expected comma-separated integers"]),
     (["train", "--set", "pool"], ["'pool' is not key=value"]),
@@ -294,6 +385,7 @@ def test_cli_refuses_existing_run_and_unwritable_out(tiny_run, tmp_path):
     assert_user_error(proc, "cannot write to run folder", code=2)
 
 
+@pytest.mark.slow
 def test_cli_divergence_exit_code(tmp_path):
     script = ("import sys; from lenet.cli import main; from lenet import data;"
               "data.load_dataset = lambda *a, **k: data.synthetic_dataset(2048, 64);"
@@ -323,13 +415,31 @@ def test_cli_resume_flags_and_momentum(args, fragments, tiny_run):
     assert_user_error(proc, *fragments, code=2)
 
 
-def test_onecycle_keeps_plain_sgd_and_sdlm_without_momentum():
+@pytest.mark.parametrize("optimizer", ["sgd", "sdlm", "momentum", "adam"])
+def test_onecycle_cycles_momentum_only_where_the_optimizer_has_one(optimizer, monkeypatch):
+    """Plain SGD and SDLM keep no momentum through the whole schedule; SGD with momentum and Adam
+    (its beta1) are cycled 0.95 -> 0.85 -> 0.95 around their configured 0.9."""
     from lenet.data import synthetic_dataset
 
-    for optimizer in ("sgd", "sdlm"):
-        r = train(TrainConfig(epochs=1, batch_size=64, lr=0.05, optimizer=optimizer, schedule="onecycle"),
-                  data=synthetic_dataset(256, 64))
-        assert r.history[-1].train_loss == r.history[-1].train_loss  # ran, no NaN
+    real_step, seen = engine.TrainStep.__call__, []
+
+    def recording_step(self, x, y):
+        group = self.optimizer.param_groups[0]
+        seen.append(group["betas"][0] if "betas" in group else group.get("momentum"))  # for this step
+        return real_step(self, x, y)
+
+    monkeypatch.setattr(engine.TrainStep, "__call__", recording_step)
+    r = train(TrainConfig(epochs=2, batch_size=64, lr=0.01, optimizer=optimizer, schedule="onecycle"),
+              data=synthetic_dataset(256, 64))
+    assert all(math.isfinite(h.train_loss) for h in r.history)  # ran, no NaN or infinity
+    assert len(seen) == 8  # 2 epochs of 4 steps
+    if optimizer == "sgd":
+        assert seen == [0] * 8
+    elif optimizer == "sdlm":
+        assert seen == [None] * 8  # SDLM has no momentum to cycle
+    else:
+        assert seen[0] == pytest.approx(0.95) and seen[-1] > 0.9  # starts (and ends) high,
+        assert min(seen) < 0.87  # dips towards 0.85 mid-run: not the constant 0.9 of the recipe
 
 
 def test_evaluate_bad_out_is_one_line(tiny_run, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import torch
 
 from lenet.training import engine
 from lenet.data import synthetic_dataset
+from lenet.models import create_model
 from lenet.training import TrainConfig, train
 
 from .conftest import REPO, assert_user_error, run_cli
@@ -55,6 +57,7 @@ def test_same_seed_same_metrics_eager():
     assert _metrics(train(cfg, data=data)) == _metrics(train(cfg, data=data))
 
 
+@pytest.mark.slow
 def test_compiled_training_is_deterministic_and_learns_like_eager():
     if engine.compiler_problem(torch.device("cpu")):
         pytest.skip("no C++ compiler for inductor here")
@@ -157,6 +160,7 @@ def test_bad_engine_flags_are_user_errors():
     assert_user_error(run_cli("bench", "--quick", "--model", "nope"), "unknown model")
 
 
+@pytest.mark.slow
 def test_bench_quick_prints_table_and_ratios(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "--quick", "--no-compile", "--seeds", "2", "--json", str(out))
@@ -173,6 +177,7 @@ def test_bench_quick_prints_table_and_ratios(tmp_path):
         assert 0 <= s["test_acc"] <= 1
 
 
+@pytest.mark.slow
 def test_bench_torchconv_arm_shows_what_the_kernels_add(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "--quick", "--no-compile", "--arms", "plain,torchconv,engine", "--json", str(out))
@@ -184,13 +189,17 @@ def test_bench_torchconv_arm_shows_what_the_kernels_add(tmp_path):
     assert convs["torchconv"] == engine.PYTORCH_CONV
     from lenet.kernels import ops as blconv
 
-    if blconv.library() is not None:
+    if blconv._compiler() is None:
+        assert convs["engine"] == engine.PYTORCH_CONV
+    else:  # where the kernels can be built they must be, and be used: a broken build fails here
+        assert blconv.library() is not None, blconv.problem()
         assert convs["engine"] == engine.BATCH_LAST_CONV
     # the same initial weights and batches: the two engine arms learn the same thing
     runs = {r["arm"]: r for r in result["runs"]}
     assert runs["engine"]["train_loss"] == pytest.approx(runs["torchconv"]["train_loss"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_bench_one_arm_and_batch_size(tmp_path):
     proc = run_cli("bench", "--quick", "--no-compile", "--arms", "engine", "--batch-size", "64")
     assert proc.returncode == 0, proc.stderr
@@ -205,19 +214,38 @@ def _torchrun(*args: str, env: dict | None = None, timeout: float = 300):
                            *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_learn_like_one(fashion, tmp_path):
-    """2 gloo processes, each a disjoint half of every batch, learn what one process learns."""
+    """2 gloo processes, each a disjoint half of every batch of 256, end with the weights one process
+    gets from the same batches whole: DistributedDataParallel averages the two halves' gradients of
+    a per-example mean loss, which is the gradient of the whole batch's mean (the epoch's last batch,
+    6,000 % 256 = 112 examples, also splits evenly). Weights, not losses: 2 epochs of the book's
+    recipe are still on the sigmoid's plateau, where the loss says little (ranks that did not
+    average their gradients ended within 0.003 of one process's train loss). Measured: the weights
+    agree to 1.2e-7; ranks that do not average, or that train on the same half of each batch, are
+    8e-4 or more away."""
+    from safetensors.torch import load_file
+
     from . import _ddp_train
 
     out = tmp_path / "ddp.json"
-    proc = _torchrun(str(REPO / "tests" / "_ddp_train.py"), str(out), "2", "20000", "3000")
+    proc = _torchrun(str(REPO / "tests" / "_ddp_train.py"), str(out), "2", "6000", "1000")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(out.read_text())
-    assert ddp["world_size"] == 2 and ddp["examples"] == 2 * 20000
-    single = train(TrainConfig(epochs=2, compile=False), data=_ddp_train.subset(20000, 3000))
-    for h, s in zip(ddp["history"], single.history):
-        assert h["train_loss"] == pytest.approx(s.train_loss, abs=0.01)
-        assert h["test_acc"] == pytest.approx(s.test_acc, abs=0.02)
+    assert ddp["world_size"] == 2 and ddp["examples"] == 2 * 6000
+    rank0, rank1 = (load_file(_ddp_train.weights_path(out, r)) for r in (0, 1))
+    single = train(_ddp_train.config(2), data=_ddp_train.subset(6000, 1000))
+    torch.manual_seed(single.config.seed)
+    start = create_model("classic").state_dict()  # the initial weights of every run here
+    want = single.model.state_dict()
+    assert rank0.keys() == rank1.keys() == want.keys()
+    for name, w in want.items():
+        assert (w - start[name]).abs().max() > 1e-3, f"{name} barely moved: too little to compare"
+        torch.testing.assert_close(rank0[name], w, rtol=0, atol=2e-6, msg=lambda m: f"{name}: {m}")
+        assert torch.equal(rank0[name], rank1[name]), f"{name}: the ranks' replicas drifted apart"
+    for h, s in zip(ddp["history"], single.history, strict=True):
+        assert h["train_loss"] == pytest.approx(s.train_loss, abs=1e-5)
+        assert h["test_acc"] == pytest.approx(s.test_acc, abs=0.002)
 
 
 @pytest.mark.slow
@@ -244,6 +272,7 @@ def test_ddp_batch_smaller_than_the_processes_is_a_user_error(monkeypatch):
         train(TrainConfig(epochs=1, batch_size=1, compile=False), data=synthetic_dataset(64, 16))
 
 
+@pytest.mark.slow
 def test_ddp_last_batch_too_small_for_every_process_is_left_out(fashion, tmp_path):
     """257 examples, batch 256, 2 processes: the 1-example tail would leave rank 1 with nothing."""
     out = tmp_path / "ddp.json"
@@ -251,5 +280,5 @@ def test_ddp_last_batch_too_small_for_every_process_is_left_out(fashion, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp = json.loads(out.read_text())
     assert ddp["world_size"] == 2 and ddp["examples"] == 256
-    assert all(h["train_loss"] == h["train_loss"] for h in ddp["history"])  # finite, not NaN
+    assert all(math.isfinite(h["train_loss"]) for h in ddp["history"])  # no NaN or infinity
 

@@ -9,17 +9,12 @@ import re
 import pytest
 import torch
 
-from lenet.data import Dataset, Split, synthetic_dataset
+from lenet.data import synthetic_dataset
 from lenet.errors import ConfigError, TrainingDiverged
 from lenet.training.runs import load_run
 from lenet.training import TrainConfig, train
 
 from .conftest import needs_data, run_cli
-
-
-def subset(ds: Dataset, n_train: int, n_test: int) -> Dataset:
-    return Dataset(ds.name, ds.classes, Split(ds.train.images[:n_train], ds.train.labels[:n_train]),
-                   Split(ds.test.images[:n_test], ds.test.labels[:n_test]))
 
 
 def test_same_seed_gives_identical_metrics_and_weights():
@@ -55,6 +50,7 @@ def test_bad_train_config_values():
             train(TrainConfig(**kwargs), data=synthetic_dataset(64, 16))
 
 
+@pytest.mark.slow
 @needs_data
 def test_real_short_run_beats_chance(fashion):
     """Two epochs of the book's recipe on the full Fashion-MNIST: far above the 10% of chance."""
@@ -63,6 +59,7 @@ def test_real_short_run_beats_chance(fashion):
     assert r.history[-1].train_loss < r.history[0].train_loss < 2.5
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_train_then_evaluate(tmp_path):
     out = tmp_path / "run"

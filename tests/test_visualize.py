@@ -18,12 +18,10 @@ from lenet.models import create_model
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, fashion):
     """A run trained for one epoch on 1,024 Fashion-MNIST images (a few seconds)."""
-    from lenet.data import Dataset, Split
     from lenet.training import TrainConfig, train
 
     out = tmp_path_factory.mktemp("run") / "run"
-    small = Dataset(fashion.name, fashion.classes, Split(fashion.train.images[:1024], fashion.train.labels[:1024]),
-                    Split(fashion.test.images[:2000], fashion.test.labels[:2000]))
+    small = fashion.head(1024, 2000)
     train(TrainConfig(epochs=1, lr=0.1, overrides={"activation": "relu", "pool": "max"}), data=small, out=out)
     return out
 
@@ -100,7 +98,9 @@ def test_activations_filters_mistakes_commands(run_dir, tmp_path):
 
     proc = run_cli("activations", str(run_dir))
     assert proc.returncode == 0, proc.stderr
-    assert _png_size(run_dir / "activations.png")
+    assert "test images 0, 1 saved to" in proc.stdout  # by default the first two test images
+    w2, h2 = _png_size(run_dir / "activations.png")
+    assert w2 == w and 300 < h2 < h  # the same columns, two rows of images instead of three
 
     out = tmp_path / "sub" / "filters.png"
     proc = run_cli("filters", str(run_dir), "--out", str(out))
@@ -113,7 +113,8 @@ def test_activations_filters_mistakes_commands(run_dir, tmp_path):
     listed = [line for line in proc.stdout.splitlines() if line.startswith("#")]
     assert len(listed) == 5 and all("confidence" in line for line in listed)
     assert "test images misclassified" in proc.stdout
-    assert _png_size(out)
+    w, h = _png_size(out)
+    assert w > 800 and 200 < h < 400 and w > 3 * h  # one row of five images
 
 
 def test_bad_choices_are_one_line_errors(run_dir, tmp_path):

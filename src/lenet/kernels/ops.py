@@ -47,6 +47,7 @@ class Constants(NamedTuple):
 
     lanes: int  # examples per vector: the kernels work on the batch in groups of this many
     kernel_sizes: tuple[int, ...]  # the square kernel sizes compiled in
+    act_none: int  # no activation
     activations: dict[type, int]  # activation module type -> code
     pool_none: int
     pool_avg: int
@@ -124,7 +125,8 @@ def library() -> ctypes.CDLL | None:
                 if old != target:
                     old.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(target))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        lib.lenet_bl_constants  # noqa: B018 - a library without the entry points is a failed build
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as exc:
         _problem = f"building the batch-last kernels failed ({exc})"
         return None
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
@@ -150,8 +152,8 @@ def _read_constants(lib: ctypes.CDLL) -> None:
     lib.lenet_bl_constants.argtypes = [ctypes.c_void_p, ctypes.c_int]
     v = list(buf[:lib.lenet_bl_constants(buf, len(buf))])
     lanes, count = v[0], v[1]
-    sigmoid, tanh, relu, none, avg, mx = v[2 + count:8 + count]
-    _constants = Constants(lanes, tuple(v[2:2 + count]), {nn.Sigmoid: sigmoid, nn.Tanh: tanh, nn.ReLU: relu},
+    act_none, sigmoid, tanh, relu, none, avg, mx = v[2 + count:9 + count]
+    _constants = Constants(lanes, tuple(v[2:2 + count]), act_none, {nn.Sigmoid: sigmoid, nn.Tanh: tanh, nn.ReLU: relu},
                            none, avg, mx)
 
 
@@ -397,7 +399,7 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
     codes, layers = constants(), list(model)
     blocks, i = [], 0
     while i < len(layers) and _conv_ok(layers[i]):
-        conv, act, pool, k = layers[i], 0, codes.pool_none, 1
+        conv, act, pool, k = layers[i], codes.act_none, codes.pool_none, 1
         i += 1
         if i < len(layers) and type(layers[i]) in codes.activations:
             act = codes.activations[type(layers[i])]
@@ -411,7 +413,7 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
             and layers[i].end_dim == -1:
         j = i + 1
         while j < len(layers) and isinstance(layers[j], nn.Linear) and layers[j].weight.dtype == torch.float32:
-            linear, act = layers[j], 0
+            linear, act = layers[j], codes.act_none
             j += 1
             if j < len(layers) and type(layers[j]) in codes.activations:
                 act = codes.activations[type(layers[j])]

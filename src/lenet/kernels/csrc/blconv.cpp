@@ -422,12 +422,12 @@ extern "C" {
 
 // The numbers the Python side must agree with, reported from here rather than written twice:
 // the lanes (examples per vector), the number of kernel sizes and the sizes, the activation codes
-// (sigmoid, tanh, relu) and the pooling codes (none, average, max). Writes at most n ints to out
+// (none, sigmoid, tanh, relu) and the pooling codes (none, average, max). Writes at most n ints to out
 // and returns how many there are.
 int lenet_bl_constants(int* out, int n) {
     std::vector<int> c = {V, (int)std::size(KERNEL_SIZES)};
     c.insert(c.end(), std::begin(KERNEL_SIZES), std::end(KERNEL_SIZES));
-    c.insert(c.end(), {ACT_SIGMOID, ACT_TANH, ACT_RELU, POOL_NONE, POOL_AVG, POOL_MAX});
+    c.insert(c.end(), {ACT_NONE, ACT_SIGMOID, ACT_TANH, ACT_RELU, POOL_NONE, POOL_AVG, POOL_MAX});
     std::copy(c.begin(), c.begin() + std::min<std::size_t>(n, c.size()), out);
     return (int)c.size();
 }
