@@ -358,3 +358,12 @@ def test_compare_runs_variants_on_paths_relative_to_the_spec(digits, tmp_path):
     bad.write_text('[variants.a]\ndataset = "data/nothing"\n')
     proc = run_cli("compare", str(bad), "--out", str(tmp_path / "r2"))
     assert_user_error(proc, "dataset = 'data/nothing'", "not a built-in dataset", "spec's folder", code=2)
+
+
+def test_summary_sizes_the_model_for_a_dataset(tmp_path):
+    root = _tree(tmp_path / "three", classes=("cat", "dog", "owl"))
+    proc = run_cli("summary", "--dataset", str(root))
+    assert proc.returncode == 0, proc.stderr
+    assert "(1, 3)" in proc.stdout.splitlines()[-4]  # the output layer: one unit per class
+    proc = run_cli("summary", "--dataset", str(root), "--set", "num_classes=5")
+    assert "(1, 5)" in proc.stdout
