@@ -175,6 +175,11 @@ def test_bench_quick_prints_table_and_ratios(tmp_path):
         s = result["summary"][arm]
         assert s["train_examples_per_sec"] > 0 and s["peak_rss_mb"] > 0
         assert 0 <= s["test_acc"] <= 1
+        rate = result["macs_per_example"]["train"] * s["train_examples_per_sec"]
+        assert s["train_macs_per_sec"] == pytest.approx(rate)
+        assert s["fraction_of_peak"] == pytest.approx(rate / result["practical_peak"]["macs_per_sec"])
+    assert "multiply-accumulates per training example (3 x 416,520 forward" in text
+    assert "of the practical peak" in text
 
 
 @pytest.mark.slow
@@ -282,3 +287,19 @@ def test_ddp_last_batch_too_small_for_every_process_is_left_out(fashion, tmp_pat
     assert ddp["world_size"] == 2 and ddp["examples"] == 256
     assert all(math.isfinite(h["train_loss"]) for h in ddp["history"])  # no NaN or infinity
 
+
+
+def test_training_macs_count_each_layer_three_times_but_the_first_twice():
+    from lenet.experiments.bench import training_macs
+
+    m = training_macs("classic")
+    assert m == {"forward": 416_520, "first_layer": 117_600, "train": 3 * 416_520 - 117_600}
+    wide = training_macs("classic", {"channels": "12,32"})
+    assert wide["first_layer"] == 2 * 117_600 and wide["forward"] > m["forward"]
+
+
+def test_practical_peak_is_a_real_matrix_product_rate():
+    from lenet.experiments.bench import practical_peak
+
+    peak = practical_peak(n=512, repeats=2)
+    assert peak["threads"] >= 1 and 1e8 < peak["macs_per_sec"] < 1e13  # 0.1 GMAC/s .. 10 TMAC/s

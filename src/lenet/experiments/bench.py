@@ -224,13 +224,56 @@ def run_arm(arm: str, spec: BenchSpec) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------------------------
+# Arithmetic: multiply-accumulates per training example, and the cores' practical peak
+
+
+def training_macs(model: str, overrides: dict[str, Any] | None = None) -> dict[str, int]:
+    """Multiply-accumulates one training example costs, from ``lenet summary``'s count per layer.
+
+    Every layer's forward MACs count three times (forward, weight gradient, input gradient) except
+    for the first layer with MACs, whose input is the image: no gradient is computed for it, so it
+    counts twice. ``{"forward": ..., "first_layer": ..., "train": 3 * forward - first_layer}``.
+    """
+    from ..models import create_model, resolve_config
+    from ..models.summary import trace
+
+    cfg = resolve_config(model, overrides or {})
+    size = getattr(cfg, "in_size", 28)
+    rows = trace(create_model(model, **(overrides or {})), (1, getattr(cfg, "in_channels", 1), size, size))
+    forward = sum(r.macs for r in rows)
+    first = next((r.macs for r in rows if r.macs), 0)
+    return {"forward": forward, "first_layer": first, "train": 3 * forward - first}
+
+
+def practical_peak(n: int = 4096, repeats: int = 3) -> dict[str, float]:
+    """The multiply-accumulate rate of ``torch.mm`` on n x n fp32 matrices with the thread count
+    training uses here (one per physical core): the practical peak of these cores."""
+    import torch
+
+    from ..training.engine import configure_threads
+
+    threads = configure_threads()
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return {"macs_per_sec": n ** 3 / best, "threads": threads, "n": n}
+
+
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.fmean(r[key] for r in rows)
 
 
 def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_ARMS,
             log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run every arm for every seed (alternating) and return per-run rows and per-arm summaries."""
+    """Run every arm for every seed (alternating) and return per-run rows and per-arm summaries,
+    with each arm's multiply-accumulate rate against the practical peak measured in this run."""
+    peak = practical_peak(n=1024 if spec.quick else 4096)  # --quick checks the machinery, nothing more
+    macs = training_macs(spec.model, spec.overrides)
     rows: list[dict[str, Any]] = []
     for k, seed in enumerate(seeds):
         order = arms if k % 2 == 0 else tuple(reversed(arms))
@@ -249,9 +292,12 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
             "train_loss": _mean(mine, "train_loss"), "train_acc": _mean(mine, "train_acc"),
             "test_acc": _mean(mine, "test_acc"), "peak_rss_mb": max(r["peak_rss_mb"] for r in mine),
         }
+        rate = macs["train"] * summary[arm]["train_examples_per_sec"]
+        summary[arm].update(train_macs_per_sec=rate, fraction_of_peak=rate / peak["macs_per_sec"])
         if any("cuda_max_allocated_mb" in r for r in mine):
             summary[arm]["cuda_max_allocated_mb"] = max(r.get("cuda_max_allocated_mb", 0) for r in mine)
-    out: dict[str, Any] = {"spec": spec.__dict__, "seeds": seeds, "runs": rows, "summary": summary}
+    out: dict[str, Any] = {"spec": spec.__dict__, "seeds": seeds, "runs": rows, "summary": summary,
+                           "macs_per_example": macs, "practical_peak": peak}
     if "plain" in summary and "engine" in summary:
         p, e = summary["plain"], summary["engine"]
         out["ratios"] = {"train": e["train_examples_per_sec"] / p["train_examples_per_sec"],
@@ -284,6 +330,14 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"{arm:<9} {'':>4} {s['train_examples_per_sec']:>11,.0f} {s['eval_images_per_sec']:>11,.0f} "
                      f"{s['train_loss']:>10.4f} {s['train_acc']:>9.4f} {s['test_acc']:>8.4f} "
                      f"{s['peak_rss_mb']:>11,.0f}")
+    if "practical_peak" in result:
+        m, peak = result["macs_per_example"], result["practical_peak"]
+        lines += ["", f"arithmetic: {m['train']:,} multiply-accumulates per training example (3 x {m['forward']:,} "
+                      f"forward, less the first layer's input gradient, {m['first_layer']:,}); practical peak: "
+                      f"torch.mm {peak['n']}x{peak['n']} fp32 on {peak['threads']} threads, "
+                      f"{peak['macs_per_sec'] / 1e9:.1f} GMAC/s"]
+        lines += [f"{arm:<9} {s['train_macs_per_sec'] / 1e9:6.1f} GMAC/s in training = {s['fraction_of_peak']:.0%} "
+                  f"of the practical peak" for arm, s in result["summary"].items()]
     if "ratios" in result:
         r, ok = result["ratios"], result["same_learning"]
         p, e = result["summary"]["plain"], result["summary"]["engine"]
