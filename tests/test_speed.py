@@ -303,3 +303,28 @@ def test_practical_peak_is_a_real_matrix_product_rate():
 
     peak = practical_peak(n=512, repeats=2)
     assert peak["threads"] >= 1 and 1e8 < peak["macs_per_sec"] < 1e13  # 0.1 GMAC/s .. 10 TMAC/s
+
+
+@pytest.mark.slow
+def test_time_to_accuracy_mode_stops_at_the_target_and_reports_it(tmp_path):
+    out = tmp_path / "tta.json"
+    proc = run_cli("bench", "--quick", "--to-accuracy", "0.6", "--budget", "60", "--model", "record-mnist",
+                   "--seeds", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert [r["seed"] for r in result["runs"]] == [0, 1]
+    for r in result["runs"]:
+        accs = [acc for _, acc, _ in r["curve"]]
+        assert r["reached"] == (accs[-1] >= 0.6) and all(a < 0.6 for a in accs[:-1])  # stopped at the first hit
+        assert r["epochs"] == len(accs) <= r["recipe_epochs"] == 5
+        assert r["train_time_s"] == pytest.approx(sum(t for _, _, t in r["curve"]))
+    assert "mean over 2 seed(s): test acc" in proc.stdout and "target 0.600 within 60 s" in proc.stdout
+
+
+def test_train_stop_ends_after_the_epoch_it_says_so():
+    from lenet.data import synthetic_dataset
+
+    seen = []
+    result = train(TrainConfig(epochs=6, lr=0.5), data=synthetic_dataset(256, 64),
+                   stop=lambda m: seen.append(m.epoch) or m.epoch == 2)
+    assert seen == [1, 2] and len(result.history) == 2

@@ -184,6 +184,52 @@ def run_engine(spec: BenchSpec) -> dict[str, Any]:
             "notes": [n for n in notes if n.startswith("note")], **_peak_memory(device)}
 
 
+def run_to_accuracy(spec: BenchSpec, target: float, budget_s: float) -> dict[str, Any]:
+    """The preset's own recipe (``lenet models``), trained until the test accuracy after an epoch
+    reaches ``target`` or the training time passes ``budget_s``: how long it took, and where it got."""
+    from ..training import TrainConfig, train
+
+    data = _data(spec)
+    cfg = TrainConfig.for_model(spec.model, overrides=dict(spec.overrides), dataset=data.name, seed=spec.seed,
+                                device=spec.device, compile=spec.compile, fast_conv=spec.fast_conv)
+    clock = {"seconds": 0.0}
+
+    def done(m) -> bool:
+        clock["seconds"] += m.epoch_time_s
+        return m.test_acc >= target or clock["seconds"] >= budget_s
+
+    result = train(cfg, data=data, stop=done, log=lambda s: None)
+    return {"test_acc": result.test_acc, "train_time_s": result.train_time_s, "epochs": len(result.history),
+            "reached": result.test_acc >= target, "recipe_epochs": cfg.epochs, "engine": result.engine,
+            "curve": [(h.epoch, h.test_acc, h.epoch_time_s) for h in result.history]}
+
+
+def time_to_accuracy(spec: BenchSpec, seeds: list[int], target: float, budget_s: float,
+                     log: Callable[[str], None] = print) -> dict[str, Any]:
+    """:func:`run_to_accuracy` for each seed, each in a fresh process; the mean over seeds."""
+    rows = []
+    for seed in seeds:
+        r = run_arm("to-accuracy", BenchSpec(**{**spec.__dict__, "seed": seed}), target=target, budget_s=budget_s)
+        r["seed"] = seed
+        rows.append(r)
+        log(f"seed {seed}: test acc {r['test_acc']:.4f} after {r['epochs']} epoch(s), {r['train_time_s']:.1f} s of "
+            f"training ({'reached' if r['reached'] else 'not reached'}; {r['engine']})")
+    mean_acc, mean_time = _mean(rows, "test_acc"), _mean(rows, "train_time_s")
+    return {"spec": spec.__dict__, "target": target, "budget_s": budget_s, "runs": rows,
+            "mean_test_acc": mean_acc, "mean_train_time_s": mean_time,
+            "met": mean_acc >= target and max(r["train_time_s"] for r in rows) <= budget_s}
+
+
+def format_to_accuracy(result: dict[str, Any]) -> str:
+    acc, t = result["mean_test_acc"], result["mean_train_time_s"]
+    slowest = max(r["train_time_s"] for r in result["runs"])
+    verdict = "met" if result["met"] else (
+        f"not met: {result['target'] - acc:+.4f} accuracy short" if acc < result["target"]
+        else f"not met: {slowest - result['budget_s']:.1f} s over the budget")
+    return (f"mean over {len(result['runs'])} seed(s): test acc {acc:.4f} in {t:.1f} s of training (slowest "
+            f"{slowest:.1f} s); target {result['target']:.3f} within {result['budget_s']:g} s: {verdict}")
+
+
 def _best_rate(fn: Callable[[], Any], n: int, device, repeats: int = 3) -> float:
     fn()  # warm-up (and compilation)
     best = float("inf")
@@ -207,11 +253,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def run_arm(arm: str, spec: BenchSpec) -> dict[str, Any]:
+def run_arm(arm: str, spec: BenchSpec, **extra: Any) -> dict[str, Any]:
     """Run one arm in a fresh Python process and return its measurements."""
     from ..errors import LenetError
 
-    payload = json.dumps({"arm": arm, "spec": spec.__dict__})
+    payload = json.dumps({"arm": arm, "spec": spec.__dict__, **extra})
     proc = subprocess.run([sys.executable, "-m", "lenet.experiments.bench", payload], capture_output=True, text=True,
                           env=_child_env())
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
@@ -360,6 +406,8 @@ def _child(payload: str) -> int:
     try:
         if msg["arm"] == "plain":
             out = run_plain(spec)
+        elif msg["arm"] == "to-accuracy":
+            out = run_to_accuracy(spec, msg["target"], msg["budget_s"])
         else:
             if msg["arm"] == "torchconv":
                 spec.fast_conv = False

@@ -89,13 +89,16 @@ class TrainResult:
 
 def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: str | Path | None = None,
           overwrite: bool = False, progress: bool = False, log: Log | None = None,
-          model: nn.Module | None = None, plot: bool = False) -> TrainResult:
+          model: nn.Module | None = None, plot: bool = False,
+          stop: Callable[[EpochMetrics], bool] | None = None) -> TrainResult:
     """Train a model as ``cfg`` says; if ``out`` is given, write a run folder there.
 
     ``data`` skips dataset discovery (e.g. a synthetic dataset); ``model`` trains a ready-made
     module instead of building ``cfg.model``. With a run folder, a checkpoint is written atomically
     at the end of every epoch, so :func:`resume` can continue after a crash or Ctrl-C. ``plot``:
     in a Jupyter notebook, draw the book's training curves live (nothing changes elsewhere).
+    ``stop``: called with each epoch's metrics; training ends after the first epoch it is true for
+    (e.g. a test accuracy reached: ``lenet bench --to-accuracy``).
     """
     cfg = cfg or TrainConfig()
     cfg.validate()
@@ -105,7 +108,7 @@ def train(cfg: TrainConfig | None = None, *, data: Dataset | None = None, out: s
     if not distributed.world().is_main:  # under torchrun, rank 0 alone writes the run folder
         out = None
     run_dir = runs.prepare_run_dir(out, overwrite=overwrite) if out is not None else None
-    return fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, model=model, plot=plot)
+    return fit(cfg, data=data, run_dir=run_dir, progress=progress, log=log, model=model, plot=plot, stop=stop)
 
 
 def resume(run_dir: str | Path, *, data_root: str | None = None, device: str | None = None,
@@ -134,7 +137,8 @@ def resume(run_dir: str | Path, *, data_root: str | None = None, device: str | N
 
 def fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progress: bool,
         log: Log | None, model: nn.Module | None = None,
-        checkpoint: dict[str, Any] | None = None, plot: bool = False) -> TrainResult:
+        checkpoint: dict[str, Any] | None = None, plot: bool = False,
+        stop: Callable[[EpochMetrics], bool] | None = None) -> TrainResult:
     """Prepare, then for each epoch: train, evaluate, log, checkpoint; then finish."""
     run = prepare(cfg, data=data, run_dir=run_dir, log=log, model=model)
     try:
@@ -149,6 +153,8 @@ def fit(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, progres
                 metrics = log_epoch(run, epoch, loss, acc, count, seconds, test_acc)
                 bar.end_epoch(metrics, cfg.epochs, run.state.curve)
                 save_checkpoint(run)
+                if stop is not None and stop(metrics):
+                    break
         except KeyboardInterrupt:
             bar.close()
             _interrupted(run)
