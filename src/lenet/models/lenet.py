@@ -168,9 +168,3 @@ register("modern", "the same skeleton, modernised: ReLU, max-pool, BatchNorm, He
          LeNetConfig(channels=(32, 64), kernel_size=(5,), padding=(2, 0), activation="relu", pool="max",
                      dense=(64,), head="gap", norm="batch", init="he"),
          build_lenet, recipe={"lr": 0.1, "optimizer": "momentum", "schedule": "onecycle", "weight_decay": 5e-4})
-# A time-to-accuracy record on 2 CPU cores (`lenet bench --to-accuracy 0.99 --budget 10 --dataset
-# mnist --model record-mnist`): the textbook skeleton with ReLU and max-pooling, which the
-# batch-last kernels run whole, and a short one-cycle Adam recipe (docs/speed.md).
-register("record-mnist", "MNIST 99% in seconds: the textbook skeleton with ReLU and max-pool, one-cycle Adam",
-         LeNetConfig(activation="relu", pool="max"), build_lenet,
-         recipe={"epochs": 5, "lr": 4e-3, "optimizer": "adam", "schedule": "onecycle", "batch_size": 256})
