@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet -e ".[export,test]"
+	$(PIP) install --quiet -e ".[export,test,tune,ray]"
 	@touch $@
 
 # A C++ compiler builds lenet's CPU conv kernels and torch.compile's code (without one, training

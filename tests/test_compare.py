@@ -221,3 +221,187 @@ def test_interrupted_run_is_continued_from_its_checkpoint(tmp_path, monkeypatch)
     assert "skipped" in logs[0] and "resumed after epoch 1" in logs[1], logs
     assert [r.acc_mean for r in rows] == [r.acc_mean for r in reference]
     assert [r.train_loss for r in rows] == [r.train_loss for r in reference]
+
+
+# --------------------------------------------------------------------------------------------
+# --jobs and --ray: the same runs, the same numbers, and a killed worker loses nothing
+
+SMALL = """
+title = "small"
+[defaults]
+epochs = 2
+seeds = [0, 1]
+train_limit = 1024
+test_limit = 256
+[variants.baseline]
+[variants.relu]
+set = { activation = "relu", pool = "max" }
+lr = 0.1
+optimizer = "momentum"
+"""
+
+NUMBERS = ("epoch", "train_loss", "train_acc", "test_acc")  # metrics.csv less the timings
+
+
+def _numbers(out: Path) -> dict[str, list]:
+    """Every run's per-epoch metrics (timings left out), and the table's accuracy and loss columns."""
+    found = {d.name: [[row[k] for k in NUMBERS] for row in _rows(d / "metrics.csv")]
+             for d in sorted((out / "runs").iterdir())}
+    found["table"] = [[r[k] for k in ("variant", "parameters", "seeds", "diverged", "test_acc_mean", "test_acc_std",
+                                      "test_acc_min", "test_acc_max", "final_train_loss")]
+                      for r in _rows(out / "results.csv")]
+    return found
+
+
+def _assert_complete(out: Path, epochs: int) -> None:
+    """Every run finished whole: marker done, every epoch's metrics, weights, no half-written file."""
+    for run in (out / "runs").iterdir():
+        assert json.loads((run / MARKER).read_text())["status"] == "done", run
+        assert len(_rows(run / "metrics.csv")) == epochs, run
+        assert (run / "model.safetensors").is_file(), run
+        assert not list(run.glob(".*.tmp")), list(run.glob(".*.tmp"))
+    assert "Incomplete" not in (out / "results.md").read_text()
+
+
+def test_parallel_flags_are_checked(tmp_path, monkeypatch):
+    import sys
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(SMALL)
+    proc = run_cli("compare", str(spec), "--jobs", "0")
+    assert proc.returncode == 2 and "--jobs" in proc.stderr and "Traceback" not in proc.stderr
+    monkeypatch.setitem(sys.modules, "ray", None)  # Ray not installed
+    assert_user_error(run_cli("compare", str(spec), "--out", str(tmp_path / "r"), "--ray"),
+                      "--ray needs Ray", "pip install 'lenet[ray]'")
+
+
+def test_results_folder_is_locked_while_a_command_writes_it(tmp_path):
+    from lenet.experiments.workers import FolderLock
+
+    spec = tmp_path / "s.toml"
+    spec.write_text(SMALL)
+    out = tmp_path / "r"
+    out.mkdir()
+    with FolderLock(out, "lenet compare"):
+        assert_user_error(run_cli("compare", str(spec), "--out", str(out)), "in use by another lenet compare",
+                          "choose another --out")
+    assert not (out / "runs" / "baseline-seed0" / MARKER).exists()
+
+
+@pytest.mark.slow
+def test_jobs_and_ray_give_the_sequential_results(tmp_path, fashion):
+    """--jobs 2 and --ray (a local Ray instance) train the same runs to the same numbers, with the
+    same thread count per run (a run's float sums depend on it, see docs/experiments.md)."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'lenet[ray]' (CI installs it)")
+    spec = tmp_path / "small.toml"
+    spec.write_text(SMALL)
+    results = {}
+    for name, flags in [("seq", []), ("jobs", ["--jobs", "2"]), ("ray", ["--ray"])]:
+        proc = run_cli("compare", str(spec), "--out", str(tmp_path / name), "--threads", "1", *flags)
+        assert proc.returncode == 0, proc.stderr
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
+        assert len(lines) == 4 and all("test acc" in line for line in lines), proc.stdout
+        if flags:
+            assert "running" in lines[0] and "queued" in lines[0], lines[0]
+            assert "1 thread(s) each" in proc.stdout
+        _assert_complete(tmp_path / name, 2)
+        results[name] = _numbers(tmp_path / name)
+        assert "Torch threads: 1 per run." in (tmp_path / name / "results.md").read_text()
+    assert results["jobs"] == results["seq"]
+    assert results["ray"] == results["seq"]
+
+
+def _kill_during(run_dir: Path, killed: list, marker_name: str = MARKER):
+    """A thread that SIGKILLs the process training ``run_dir`` once its first epoch is saved."""
+    import os
+    import signal
+    import threading
+    import time
+
+    def watch():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                marker = json.loads((run_dir / marker_name).read_text())
+            except (OSError, ValueError):
+                marker = {}
+            if (run_dir / "checkpoint.pt").is_file() and marker.get("status") == "running":
+                saved = len(_rows(run_dir / "metrics.csv"))
+                os.kill(marker["worker"]["pid"], signal.SIGKILL)
+                killed.append((marker["worker"]["pid"], saved))
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+KILL_SPEC = """
+[defaults]
+epochs = 8
+lr = 0.5
+[variants.a]
+[variants.b]
+lr = 0.2
+[variants.c]
+set = { pool = "max" }
+"""
+
+
+@pytest.mark.slow
+def test_killed_worker_process_loses_nothing(tmp_path):
+    """SIGKILL a worker process mid-run: the others finish; repeating the command continues the
+    killed run from its last checkpoint, and every run ends with the numbers of a sequential run."""
+    from lenet.data import synthetic_dataset
+    from lenet.errors import LenetError
+
+    data = synthetic_dataset(4096, 256)
+    spec = parse_spec(KILL_SPEC, "k.toml")
+    run_spec(spec, tmp_path / "reference", data=data, threads=1)
+
+    out = tmp_path / "out"
+    killed: list = []
+    watcher = _kill_during(out / "runs" / "b-seed0", killed)
+    logs: list[str] = []
+    with pytest.raises(LenetError, match=r"1 run\(s\) could not finish: b-seed0 .*killed by SIGKILL.*repeat the command"):
+        run_spec(spec, out, data=data, jobs=2, threads=1, retries=0, log=logs.append)
+    watcher.join()
+    pid, saved = killed[0]
+    assert 1 <= saved < 8, killed  # killed mid-run, after at least one saved epoch
+    assert any(f"b seed 0: its worker process (pid {pid}) killed by SIGKILL" in line for line in logs), logs
+    assert "1 run(s) still to train" in (out / "results.md").read_text()
+    for name in ("a-seed0", "c-seed0"):  # the other runs were not disturbed
+        assert json.loads((out / "runs" / name / MARKER).read_text())["status"] == "done"
+
+    logs.clear()
+    run_spec(spec, out, data=data, jobs=2, threads=1, log=logs.append)
+    assert sum("skipped" in line for line in logs) == 2, logs
+    assert any("b seed 0:" in line and "(resumed after epoch" in line for line in logs), logs
+    _assert_complete(out, 8)
+    assert _numbers(out) == _numbers(tmp_path / "reference")
+
+
+@pytest.mark.slow
+def test_killed_ray_worker_is_retried_from_its_checkpoint(tmp_path):
+    """SIGKILL the Ray worker running a task: the task is run again from the run's last
+    checkpoint within the same command, and nothing differs from a sequential run."""
+    pytest.importorskip("ray", reason="Ray is not installed: pip install 'lenet[ray]' (CI installs it)")
+    from lenet.data import synthetic_dataset
+
+    data = synthetic_dataset(4096, 256)
+    spec = parse_spec(KILL_SPEC, "k.toml")
+    run_spec(spec, tmp_path / "reference", data=data, threads=1)
+
+    out = tmp_path / "out"
+    killed: list = []
+    watcher = _kill_during(out / "runs" / "b-seed0", killed)
+    logs: list[str] = []
+    run_spec(spec, out, data=data, ray=True, threads=1, log=logs.append)
+    watcher.join()
+    assert killed and 1 <= killed[0][1] < 8, killed
+    assert any(line.startswith("b seed 0: its Ray worker died") and "checkpoint after epoch" in line
+               for line in logs), logs
+    assert any("b seed 0:" in line and "(resumed after epoch" in line for line in logs), logs
+    _assert_complete(out, 8)
+    assert _numbers(out) == _numbers(tmp_path / "reference")

@@ -264,11 +264,12 @@ def add_models(sub) -> None:
 def cmd_models(args) -> int:
     from .models import MODELS, create_model, param_count
 
+    width = max(map(len, MODELS))
     for name, entry in MODELS.items():
-        print(f"{name:<10} {param_count(create_model(name)):>9,} params  {entry.description}")
+        print(f"{name:<{width}} {param_count(create_model(name)):>9,} params  {entry.description}")
         if entry.recipe:
             recipe = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in entry.recipe.items())
-            print(f"{'':<10} {'':>16} recipe (used when `lenet train` is not given these flags): {recipe}")
+            print(f"{'':<{width}} {'':>16} recipe (used when `lenet train` is not given these flags): {recipe}")
     return 0
 
 
@@ -351,6 +352,22 @@ def add_compare(sub) -> None:
     p.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results/<spec name>)")
     _add_data_flags(p)
     p.add_argument("--device", default="auto")
+    _add_parallel_flags(p, "runs")
+
+
+def _add_parallel_flags(p: argparse.ArgumentParser, what: str) -> None:
+    """--jobs / --ray / --threads: where the runs of `lenet compare` and the trials of `lenet tune` train."""
+    p.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                   help=f"train N {what} at once in worker processes on this machine, the cores split between "
+                        "them (default 1: one after another in this process); with --ray: at most N at once")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help=f"train the {what} as Ray tasks: on a local Ray instance, or on the cluster at ADDRESS "
+                        "(auto, or ray://HOST:10001); --out must then be a folder every node sees "
+                        "(needs Ray: pip install 'lenet[ray]')")
+    p.add_argument("--threads", type=_positive_int, default=None, metavar="T",
+                   help=f"torch threads per {what[:-1]} (default: physical cores / --jobs; 1 per Ray task; "
+                        "all cores when one at a time). Results depend on it: the same T gives the same "
+                        "numbers, whichever way the runs are spread")
 
 
 def cmd_compare(args) -> int:
@@ -360,8 +377,51 @@ def cmd_compare(args) -> int:
     out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
     runs = sum(len(v.seeds) for v in spec.variants)
     print(f"{spec.path}: {len(spec.variants)} variants, {runs} runs -> {out}/", flush=True)
-    run_spec(spec, out, data_root=args.data_root, device=args.device, log=lambda s: print(s, flush=True))
+    run_spec(spec, out, data_root=args.data_root, device=args.device, log=lambda s: print(s, flush=True),
+             jobs=args.jobs, ray=args.ray, threads=args.threads)
     print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'test_acc.png'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# lenet tune
+
+
+def add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="search a space of recipes and model settings (Optuna), scored on a "
+                                    "validation split",
+                       description="Search the [space] of SPEC with Optuna's TPE sampler, pruning unpromising "
+                                   "trials after each epoch; score trials on a validation split of the training "
+                                   "set; retrain the best on the whole training set and evaluate it once on the "
+                                   "test set. The study is kept in RESULTS/study.db: repeating the command "
+                                   "continues it.")
+    p.add_argument("spec", metavar="SPEC.toml", help="search spec, e.g. experiments/tune-classic.toml")
+    p.add_argument("--trials", type=_positive_int, default=None, metavar="N",
+                   help="trials in the study when done, counting those of earlier commands (default: the "
+                        "spec's [tune] trials)")
+    p.add_argument("--out", metavar="RESULTS_DIR", help="results folder (default results/<spec name>)")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna storage URL instead of RESULTS/study.db (e.g. postgresql://... for many machines)")
+    _add_data_flags(p)
+    p.add_argument("--device", default="auto")
+    _add_parallel_flags(p, "trials")
+
+
+def cmd_tune(args) -> int:
+    from .experiments.tune import load_tune_spec, run_search
+
+    spec = load_tune_spec(args.spec)
+    out = Path(args.out) if args.out else Path("results") / Path(args.spec).stem
+    trials = args.trials or spec.trials
+    print(f"{spec.path}: {len(spec.space)} searched settings ({', '.join(d.key for d in spec.space)}), "
+          f"{trials or '?'} trials -> {out}/", flush=True)
+    result = run_search(spec, out, trials=args.trials, data_root=args.data_root, device=args.device,
+                        log=lambda s: print(s, flush=True), jobs=args.jobs, ray=args.ray, threads=args.threads,
+                        storage=args.storage)
+    print(f"best trial {result.best.number}: val acc {result.best.value:.4f}; retrained on the whole training set: "
+          f"test acc {result.test_acc:.4f}")
+    print(f"results: {out / 'results.md'}, {out / 'results.csv'}, {out / 'history.png'}, {out / 'importance.png'}, "
+          f"{out / 'final'}/")
     return 0
 
 
@@ -593,6 +653,12 @@ def add_bench(sub) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a few steps on synthetic data: checks that everything runs, measures nothing useful")
     p.add_argument("--json", metavar="FILE", help="also write all measurements as JSON")
+    p.add_argument("--to-accuracy", type=_typed("fraction", float), metavar="ACC",
+                   help="time-to-accuracy mode: train each --model with its own recipe (`lenet models`) until the "
+                        "test accuracy after an epoch reaches ACC or --budget runs out; report seconds, epochs, "
+                        "accuracy over --seeds")
+    p.add_argument("--budget", type=_positive_float, default=60.0, metavar="SECONDS",
+                   help="training-time budget for --to-accuracy (default 60)")
     _add_engine_flags(p)
 
 
@@ -615,6 +681,8 @@ def cmd_bench(args) -> int:
     TrainConfig(compile=args.compile, compile_mode=args.compile_mode, amp=args.amp).validate()
     device = resolve_device(args.device)
     epochs = min(args.epochs, 1) if args.quick else args.epochs
+    if args.to_accuracy:
+        return _bench_to_accuracy(args, models)
     results = []
     for name in models:
         spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, epochs=epochs,
@@ -638,9 +706,31 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _bench_to_accuracy(args, models: list[str]) -> int:
+    import json
+
+    from .experiments.bench import BenchSpec, format_to_accuracy, time_to_accuracy
+
+    results = []
+    for name in models:
+        spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, device=args.device,
+                         quick=args.quick, compile=args.compile, fast_conv=args.fast_conv,
+                         overrides=dict(args.overrides))
+        print(f"{name} on {args.dataset}: until test acc >= {args.to_accuracy} or {args.budget:g} s of training, "
+              f"{args.seeds} seed(s), its own recipe", flush=True)
+        result = time_to_accuracy(spec, list(range(args.seeds)), args.to_accuracy, args.budget,
+                                  log=lambda s: print(s, flush=True))
+        print(format_to_accuracy(result) + "\n", flush=True)
+        results.append(result)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
+        print(f"measurements written to {args.json}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 
-COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "activations", "filters", "mistakes", "predict", "export", "serve", "bench"]
+COMMANDS = ["train", "evaluate", "summary", "models", "data", "compare", "tune", "activations", "filters", "mistakes", "predict", "export", "serve", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

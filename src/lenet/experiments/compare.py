@@ -23,6 +23,11 @@ from those folders, so a repeated command skips the runs that finished (a ``comp
 run folder records the settings it was trained with), continues an interrupted run from its last
 epoch checkpoint, and redoes a run whose settings changed.
 
+Runs train one after another in this process by default; ``jobs=N`` trains N at once in worker
+processes on this machine and ``ray=`` as Ray tasks (:mod:`.workers`). Whatever trains them, a run
+gives the numbers it gives alone with the same torch thread count (its ``compare.json`` records
+the count), and a run whose worker dies is continued from its last checkpoint.
+
     >>> from lenet.experiments.compare import load_spec, run_spec
     >>> spec = load_spec("experiments/exercises.toml")
     >>> rows = run_spec(spec, "results/exercises")
@@ -33,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import re
 import statistics
 import sys
@@ -192,10 +198,11 @@ def _dataset(spec_path: Path, where: str, dataset: str, own: bool) -> str:
     return str(found)
 
 
-def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str, Any]) -> Variant:
+def _make_variant(path: Path, name: str, defaults: dict[str, Any], own: dict[str, Any],
+                  where: str | None = None) -> Variant:
     from ..models import MODELS, resolve_config
 
-    where = f"{path}: variant {name!r}"
+    where = where or f"{path}: variant {name!r}"
     merged = {key: default for key, (_, default) in SPEC_KEYS.items()}
     merged.update({key: getattr(_DEFAULTS, key) for key in TRAIN_KEYS})
     merged.update(defaults)
@@ -278,6 +285,7 @@ class RunOutcome:
     status: str  # "done" or "diverged"
     epochs: list[dict[str, float | None]]  # rows of metrics.csv
     message: str = ""
+    threads: int | None = None  # torch threads it trained with (as its compare.json records)
 
     @property
     def test_acc(self) -> float | None:
@@ -318,7 +326,9 @@ def finished_run(run_dir: Path, settings: dict[str, Any]) -> RunOutcome | None:
             return None
     elif status != "diverged":
         return None
-    return RunOutcome(marker.get("variant", ""), settings["seed"], status, epochs, marker.get("message", ""))
+    worker = marker.get("worker") if isinstance(marker.get("worker"), dict) else {}
+    threads = worker.get("threads") if isinstance(worker.get("threads"), int) else None
+    return RunOutcome(marker.get("variant", ""), settings["seed"], status, epochs, marker.get("message", ""), threads)
 
 
 def _checkpoint_epoch(run_dir: Path, settings: dict[str, Any]) -> int:
@@ -337,7 +347,7 @@ def _checkpoint_epoch(run_dir: Path, settings: dict[str, Any]) -> int:
 
 
 class _DataCache:
-    """Datasets loaded once per command (and cut to train_limit/test_limit when a variant asks)."""
+    """Datasets loaded once per process (and cut to train_limit/test_limit when a variant asks)."""
 
     def __init__(self, data_root: str | None, log: Callable[[str], None]):
         self.data_root, self.log, self.full = data_root, log, {}
@@ -351,12 +361,31 @@ class _DataCache:
         return self.full[key].head(v.train_limit, v.test_limit)
 
 
+_WORKER_DATA: dict[str | None, _DataCache] = {}  # a worker process's datasets, kept between its runs
+
+
+def _run_job(shared, v: Variant, seed: int, run_dir: Path, out: Path, data_root: str | None, device: str) -> int:
+    """One (variant, seed) run in a worker (process or Ray task): the epoch it resumed after, or 0."""
+    if shared is not None:
+        dataset = shared
+    else:
+        dataset = _WORKER_DATA.setdefault(data_root, _DataCache(data_root, lambda s: None)).get(v)
+    return _train_one(v, seed, run_dir, dataset, out, data_root, device)[1]
+
+
 def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, device: str = "auto",
-             log: Callable[[str], None] | None = None, data=None) -> list["VariantRow"]:
+             log: Callable[[str], None] | None = None, data=None, jobs: int = 1, ray: str | bool | None = None,
+             threads: int | None = None, retries: int = 2) -> list["VariantRow"]:
     """Train every (variant, seed) of ``spec`` not already finished in ``out``; write the results.
 
     Returns the table rows. ``data`` (a Dataset) replaces loading the variants' datasets (tests).
+    ``jobs`` > 1 trains that many runs at once in worker processes; ``ray`` (True for a local
+    instance, or an address) runs them as Ray tasks; ``threads``: torch threads per run (default:
+    this process's setting in it, physical cores // jobs in worker processes, 1 per Ray task).
+    A run whose worker dies is continued from its last checkpoint, up to ``retries`` times.
     """
+    from .workers import FolderLock, InlineExecutor, make_executor
+
     log = log or (lambda s: None)
     out = Path(out)
     runs_dir = out / "runs"
@@ -364,32 +393,126 @@ def run_spec(spec: Spec, out: str | Path, *, data_root: str | None = None, devic
         runs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LenetError(f"cannot create results folder {out}: {exc.strerror or exc}; choose another --out") from None
-    cache = _DataCache(data_root, log)
-    total = sum(len(v.seeds) for v in spec.variants)
-    width = len(str(total))
-    outcomes: dict[str, list[RunOutcome]] = {}
-    k = 0
-    for v in spec.variants:
-        for seed in v.seeds:
-            k += 1
-            run_dir = runs_dir / v.run_name(seed)
-            settings = v.settings(seed)
-            prefix = f"[{k:>{width}}/{total}] {v.name} seed {seed}:"
-            done = finished_run(run_dir, settings)
-            if done is not None:
-                log(f"{prefix} already finished, skipped ({_outcome_text(done)})")
-            else:
-                dataset = data if data is not None else cache.get(v)
-                done, resumed = _train_one(v, seed, run_dir, dataset, out, data_root, device)
-                how = f" (resumed after epoch {resumed})" if resumed else ""
-                log(f"{prefix} {_outcome_text(done)}{how}")
-            outcomes.setdefault(v.name, []).append(done)
-            if k < total:  # the table so far, so an interrupted comparison still shows its results
-                write_results(spec, [summarize(w, outcomes[w.name]) for w in spec.variants if w.name in outcomes],
-                              outcomes, out, pending=total - k)
-    rows = [summarize(v, outcomes[v.name]) for v in spec.variants]
-    write_results(spec, rows, outcomes, out)
+    with FolderLock(out, "lenet compare"):
+        tasks = [(v, seed) for v in spec.variants for seed in v.seeds]
+        total, width = len(tasks), len(str(len(tasks)))
+        outcomes: dict[tuple[str, int], RunOutcome] = {}
+        todo = []
+        for v, seed in tasks:
+            done = finished_run(runs_dir / v.run_name(seed), v.settings(seed))
+            if done is None:
+                todo.append((v, seed))
+                continue
+            outcomes[(v.name, seed)] = done
+            log(f"[{len(outcomes):>{width}}/{total}] {v.name} seed {seed}: already finished, skipped "
+                f"({_outcome_text(done)})")
+        if todo:
+            cache = _DataCache(data_root, log)
+            with make_executor(jobs, ray, threads, shared=data) as executor:
+                inline = isinstance(executor, InlineExecutor)
+                if not inline:
+                    log(f"training {len(todo)} run(s) on {executor.where}, {executor.threads} thread(s) each")
+                _schedule(spec, todo, executor, outcomes, out, total, width, log, retries,
+                          (lambda v: data if data is not None else cache.get(v)) if inline else None,
+                          data_root, device)
+        rows = _rows(spec, outcomes)
+        write_results(spec, rows, _by_variant(spec, outcomes), out)
     return rows
+
+
+def _by_variant(spec: Spec, outcomes: dict[tuple[str, int], RunOutcome]) -> dict[str, list[RunOutcome]]:
+    """Each variant's finished runs, in the spec's seed order (so means are summed in one order)."""
+    return {v.name: [outcomes[(v.name, s)] for s in v.seeds if (v.name, s) in outcomes] for v in spec.variants
+            if any((v.name, s) in outcomes for s in v.seeds)}
+
+
+def _rows(spec: Spec, outcomes: dict[tuple[str, int], RunOutcome]) -> list["VariantRow"]:
+    grouped = _by_variant(spec, outcomes)
+    return [summarize(v, grouped[v.name]) for v in spec.variants if v.name in grouped]
+
+
+def _schedule(spec: Spec, todo: list[tuple[Variant, int]], executor, outcomes: dict[tuple[str, int], RunOutcome],
+              out: Path, total: int, width: int, log: Callable[[str], None], retries: int,
+              inline_data: Callable | None, data_root: str | None, device: str) -> None:
+    """Keep ``executor`` busy with the runs of ``todo``; log each finished one; retry dead workers."""
+    runs_dir = out / "runs"
+    queue = list(todo)
+    by_key = {v.run_name(seed): (v, seed) for v, seed in todo}
+    attempts: dict[str, int] = {}
+    failed: list[str] = []
+
+    def submit(v: Variant, seed: int) -> None:
+        key = v.run_name(seed)
+        attempts[key] = attempts.get(key, 0) + 1
+        if inline_data is not None:
+            executor.submit(key, _inline_job, (v, seed, runs_dir / key, inline_data(v), out, data_root, device))
+        else:
+            executor.submit(key, _run_job, (v, seed, runs_dir / key, out, data_root, device))
+
+    def status() -> str:
+        return f"{executor.running()} running, {len(queue)} queued"
+
+    try:
+        while queue or executor.running():
+            while queue and executor.running() < executor.slots:
+                submit(*queue.pop(0))
+            event = executor.wait()
+            v, seed = by_key[event.key]
+            run_dir = runs_dir / event.key
+            prefix = f"{v.name} seed {seed}:"
+            if event.kind == "died":
+                resumed = _checkpoint_epoch(run_dir, v.settings(seed))
+                if attempts[event.key] <= retries:
+                    queue.insert(0, (v, seed))
+                    log(f"{prefix} {event.value}; training it again from "
+                        f"{f'its checkpoint after epoch {resumed}' if resumed else 'the start'} ({status()})")
+                else:
+                    failed.append(f"{event.key} ({event.value}, {attempts[event.key]} times)")
+                    log(f"{prefix} {event.value} again; given up after {attempts[event.key]} attempts ({status()})")
+                continue
+            if event.kind == "error":
+                raise LenetError(event.value)
+            if event.kind == "interrupted":
+                raise KeyboardInterrupt
+            done = finished_run(run_dir, v.settings(seed))
+            if done is None:
+                raise LenetError(f"{event.key} finished on {executor.where}, but {run_dir} does not show it: "
+                                 "with Ray on several machines, --out must be a folder every node sees at the same path")
+            outcomes[(v.name, seed)] = done
+            how = f" (resumed after epoch {event.value})" if event.value else ""
+            log(f"[{len(outcomes):>{width}}/{total}] {prefix} {_outcome_text(done)}{how}"
+                + (f" [{status()}]" if queue or executor.running() else ""))
+            if len(outcomes) < total:  # the table so far, so an interrupted comparison still shows its results
+                write_results(spec, _rows(spec, outcomes), _by_variant(spec, outcomes), out,
+                              pending=total - len(outcomes))
+    except (KeyboardInterrupt, Interrupted, LenetError) as exc:
+        executor.stop()
+        write_results(spec, _rows(spec, outcomes), _by_variant(spec, outcomes), out, pending=total - len(outcomes))
+        if isinstance(exc, KeyboardInterrupt):
+            raise Interrupted(f"interrupted; finished runs and saved epochs are kept in {out}: "
+                              "repeat the command to continue") from None
+        raise
+    if failed:
+        write_results(spec, _rows(spec, outcomes), _by_variant(spec, outcomes), out, pending=total - len(outcomes))
+        raise LenetError(f"{len(failed)} run(s) could not finish: {'; '.join(failed)}; the other runs are in "
+                         f"{out}: repeat the command to continue them from their last checkpoint")
+
+
+def _inline_job(shared, v: Variant, seed: int, run_dir: Path, dataset, out: Path, data_root: str | None,
+                device: str) -> int:
+    return _train_one(v, seed, run_dir, dataset, out, data_root, device)[1]
+
+
+def _marker(v: Variant, status: str, settings: dict[str, Any], message: str = "") -> dict[str, Any]:
+    import socket
+
+    import torch
+
+    marker = {"variant": v.name, "status": status, "settings": settings,
+              "worker": {"host": socket.gethostname(), "pid": os.getpid(), "threads": torch.get_num_threads()}}
+    if message:
+        marker["message"] = message
+    return marker
 
 
 def _train_one(v: Variant, seed: int, run_dir: Path, dataset, out: Path, data_root: str | None,
@@ -401,10 +524,13 @@ def _train_one(v: Variant, seed: int, run_dir: Path, dataset, out: Path, data_ro
     resumed = _checkpoint_epoch(run_dir, settings)
     try:
         if resumed:  # interrupted after some epochs: continue from the last checkpoint
+            _remove_temporary_files(run_dir)
+            runs.write_json(run_dir / MARKER, _marker(v, "running", settings))
             resume(run_dir, data=dataset, device=device, data_root=data_root)
         else:
             runs.prepare_run_dir(run_dir, overwrite=True)
-            runs.write_json(run_dir / MARKER, {"variant": v.name, "status": "running", "settings": settings})
+            _remove_temporary_files(run_dir)
+            runs.write_json(run_dir / MARKER, _marker(v, "running", settings))
             train(v.train_config(seed, data_root, device), data=dataset, out=run_dir, overwrite=True)
         status, message = "done", ""
     except TrainingDiverged as exc:
@@ -412,10 +538,16 @@ def _train_one(v: Variant, seed: int, run_dir: Path, dataset, out: Path, data_ro
     except Interrupted:
         raise Interrupted(f"interrupted during {v.run_name(seed)}; finished runs and saved epochs "
                           f"are kept in {out}: repeat the command to continue") from None
-    runs.write_json(run_dir / MARKER, {"variant": v.name, "status": status, "message": message, "settings": settings})
+    runs.write_json(run_dir / MARKER, _marker(v, status, settings, message))
     done = finished_run(run_dir, settings)
     assert done is not None, run_dir
     return done, resumed
+
+
+def _remove_temporary_files(run_dir: Path) -> None:
+    """Files a killed process left half-written (atomic writes go through ``.NAME.*.tmp``)."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def _outcome_text(o: RunOutcome) -> str:
@@ -496,14 +628,31 @@ def _csv_row(r: VariantRow) -> dict[str, Any]:
             "train_time_s": r.train_time_s, "examples_per_sec": r.examples_per_sec}
 
 
-def format_markdown(spec: Spec, rows: list[VariantRow], pending: int = 0) -> str:
+def threads_note(outcomes: dict[str, list[RunOutcome]]) -> str:
+    """How many torch threads the runs trained with, e.g. "1 CPU thread per run" (a run's metrics
+    depend on it: floating-point sums are split between threads)."""
+    counts: dict[int, int] = {}
+    for runs_ in outcomes.values():
+        for o in runs_:
+            if o.threads is not None:
+                counts[o.threads] = counts.get(o.threads, 0) + 1
+    if not counts:
+        return ""
+    if len(counts) == 1:
+        n = next(iter(counts))
+        return f"Torch threads: {n} per run."
+    return "Torch threads: " + ", ".join(f"{n} in {k} run(s)" for n, k in sorted(counts.items())) + "."
+
+
+def format_markdown(spec: Spec, rows: list[VariantRow], pending: int = 0, note: str = "") -> str:
     def f(x: float | None, fmt: str) -> str:
         return "—" if x is None else format(x, fmt)
 
     lines = [f"# {spec.title or 'Comparison'}", "",
              f"Spec: `{spec.path}`. Test accuracy after the last epoch: mean ± standard deviation over "
              "seeds, and its range (min–max); train loss: the last epoch's average, mean over seeds; "
-             "train time: seconds of training per run (evaluation excluded), mean over seeds.", "",
+             "train time: seconds of training per run (evaluation excluded), mean over seeds."
+             + (f" {note}" if note else ""), "",
              "| variant | what changes | data | epochs | lr | params | MACs/image | test acc | spread (min–max) "
              "| train loss | train time (s) | examples/s |",
              "|---|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
@@ -544,7 +693,7 @@ def write_results(spec: Spec, rows: list[VariantRow], outcomes: dict[str, list[R
     from ..inspect.plots import plot_comparison
 
     runs.write_csv(out / "results.csv", CSV_FIELDS, [_csv_row(r) for r in rows])
-    runs.atomic_write_bytes(out / "results.md", format_markdown(spec, rows, pending).encode())
+    runs.atomic_write_bytes(out / "results.md", format_markdown(spec, rows, pending, threads_note(outcomes)).encode())
     datasets = {v.name: v.dataset for v in spec.variants}
     plot_comparison(mean_curves(spec, outcomes), out / "test_acc.png", datasets=datasets,
                     title=spec.title or f"{spec.path.name}: test accuracy (mean over seeds)")
