@@ -145,6 +145,7 @@ def test_idx_folder_with_classes_txt_trains_like_the_builtin_loader(digits, tmp_
     assert_same_training(root, digits)
 
 
+@pytest.mark.slow
 @needs_data
 def test_cli_train_evaluate_resume_and_inspect_a_folder(digits, tmp_path):
     root = write_tree(tmp_path / "tree", digits, with_test=False)
@@ -170,6 +171,7 @@ def test_cli_train_evaluate_resume_and_inspect_a_folder(digits, tmp_path):
     assert out.is_file() and Image.open(out).size[0] > 300
 
 
+@pytest.mark.slow
 @needs_data
 def test_data_inspect_on_a_builtin_name(tmp_path, data_root):
     out = tmp_path / "f.png"
@@ -341,6 +343,7 @@ def test_interrupted_run_on_a_path_resumes_to_the_straight_result(kind, digits, 
         assert torch.equal(p, q), name
 
 
+@pytest.mark.slow
 @needs_data
 def test_compare_runs_variants_on_paths_relative_to_the_spec(digits, tmp_path):
     from lenet.experiments.compare import load_spec, run_spec

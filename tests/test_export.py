@@ -19,6 +19,7 @@ def run_dir(tmp_path_factory, mnist):
     return mnist_run(tmp_path_factory.mktemp("runs"), mnist)
 
 
+@pytest.mark.slow
 def test_onnx_matches_pytorch_on_real_test_images(run_dir, mnist, tmp_path):
     from lenet.data import to_float
     from lenet.inspect.evaluation import predict_scores

@@ -121,6 +121,7 @@ def test_cli_errors_are_one_line(tmp_path):
     assert_user_error(run_cli("tune", str(no_trials), "--out", str(tmp_path / "r")), "--trials N", code=2)
 
 
+@pytest.mark.slow
 def test_search_is_scored_on_validation_and_reads_the_test_set_once_at_the_end(tmp_path, monkeypatch):
     """The test split is not touched while trials run; after the search, the best configuration is
     retrained on the whole training set and the test set is evaluated exactly once."""

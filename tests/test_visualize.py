@@ -87,6 +87,7 @@ def test_confident_mistakes_are_wrong_and_sorted():
     assert [m.confidence for m in mistakes] == sorted((m.confidence for m in mistakes), reverse=True)
 
 
+@pytest.mark.slow
 def test_activations_filters_mistakes_commands(run_dir, tmp_path):
     out = tmp_path / "act.png"
     proc = run_cli("activations", str(run_dir), "--class", "Pullover", "--class", "coat", "--index", "5",
