@@ -609,6 +609,30 @@ def _counted(t) -> bool:
     return "rejected" not in t.user_attrs
 
 
+def _leftover_jobs(spec: TuneSpec, study, dims: dict, out: Path, url: str, data_root: str | None, device: str,
+                   log: Callable[[str], None]) -> list[TrialJob]:
+    """Trials an interrupted command left running: continued first, from their checkpoints."""
+    leftovers = study.get_trials(deepcopy=False, states=(_optuna().trial.TrialState.RUNNING,))
+    queue = []
+    for t in leftovers:
+        params = {k: dims[k].decode(v) for k, v in t.params.items() if k in dims}
+        queue.append(_job(spec, t.number, t._trial_id, spec.variant(params, f"trial {t.number}"), out, url,
+                          data_root, device))
+    if leftovers:
+        log(f"continuing {len(leftovers)} trial(s) an interrupted command left: "
+            f"{', '.join(str(t.number) for t in leftovers)}")
+    return queue
+
+
+def _tell(study, number: int, result: dict, states):
+    """Record a finished trial in the study (unless already recorded); its frozen trial."""
+    trial_state = {"complete": states.COMPLETE, "pruned": states.PRUNED, "diverged": states.PRUNED}[result["state"]]
+    frozen = _frozen(study, number)
+    if frozen.state == states.RUNNING:
+        study.tell(number, result["value"] if trial_state == states.COMPLETE else None, state=trial_state)
+    return frozen
+
+
 def _search(spec: TuneSpec, study, executor, total: int, out: Path, url: str, full, data_root: str | None,
             device: str, log: Callable[[str], None], retries: int) -> None:
     optuna = _optuna()
@@ -620,18 +644,9 @@ def _search(spec: TuneSpec, study, executor, total: int, out: Path, url: str, fu
         return [t for t in study.get_trials(deepcopy=False, states=(states.COMPLETE, states.PRUNED, states.FAIL))
                 if _counted(t)]
 
-    # trials an interrupted command left running: continued first, from their checkpoints
-    leftovers = [t for t in study.get_trials(deepcopy=False, states=(states.RUNNING,))]
     jobs: dict[str, TrialJob] = {}
     attempts: dict[str, int] = {}
-    queue: list[TrialJob] = []
-    for t in leftovers:
-        params = {k: dims[k].decode(v) for k, v in t.params.items() if k in dims}
-        queue.append(_job(spec, t.number, t._trial_id, spec.variant(params, f"trial {t.number}"), out, url,
-                          data_root, device))
-    if leftovers:
-        log(f"continuing {len(leftovers)} trial(s) an interrupted command left: "
-            f"{', '.join(str(t.number) for t in leftovers)}")
+    queue = _leftover_jobs(spec, study, dims, out, url, data_root, device, log)
     done_before = len(ended())
     if done_before:
         log(f"{out / 'study.db'}: {done_before} trial(s) already ended")
@@ -686,10 +701,7 @@ def _search(spec: TuneSpec, study, executor, total: int, out: Path, url: str, fu
         if event.kind == "interrupted":
             raise KeyboardInterrupt
         result = event.value
-        trial_state = {"complete": states.COMPLETE, "pruned": states.PRUNED, "diverged": states.PRUNED}[result["state"]]
-        frozen = _frozen(study, job.number)
-        if frozen.state == states.RUNNING:
-            study.tell(job.number, result["value"] if trial_state == states.COMPLETE else None, state=trial_state)
+        frozen = _tell(study, job.number, result, states)
         n = len(ended())
         how = f" (resumed after epoch {result['resumed']})" if result.get("resumed") else ""
         params = _params_text({k: dims[k].decode(v) for k, v in frozen.params.items() if k in dims})
