@@ -64,5 +64,17 @@ test: setup browser
 test-fast: setup
 	LENET_DATA_ROOT="$(TEST_DATA_ROOT)" $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# Load test of `lenet serve` with Debian's ApacheBench (ab), then a 60 s soak:
+#   make bench-serve RUN=runs/mnist [BENCH_ARGS="--workers 2"]
+.PHONY: bench-serve
+bench-serve: setup
+	@test -n "$(RUN)" || { echo "usage: make bench-serve RUN=RUN_DIR (a run trained on MNIST)"; exit 2; }
+	@command -v ab >/dev/null 2>&1 || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo ">> installing Debian's apache2-utils for ab"; \
+	    apt-get install -y -q apache2-utils >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q apache2-utils >/dev/null; }; \
+	  else echo "ab is missing: install apache2-utils"; exit 1; fi; }
+	LENET_DATA_ROOT="$(TEST_DATA_ROOT)" $(PY) benchmarks/load_serve.py $(RUN) --soak 60 $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

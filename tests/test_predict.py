@@ -1,17 +1,21 @@
-"""lenet predict: preprocessing, real predictions on font-rendered digits and MNIST PNGs, bad files."""
+"""lenet predict: preprocessing, real predictions on pictures of digits as people have them (every
+family of tests/trained.py, against the textbook recipe), Fashion-MNIST items on other backgrounds,
+blank images, font-rendered digits and MNIST PNGs, bad files."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from . import trained
 from .conftest import assert_user_error, run_cli
 from lenet.use.predict import SIZE, load_image, preprocess
-from .trained import mnist_run, render_set, save_mnist_pngs
+from .trained import fashion_run, mnist_run, render_set, save_mnist_pngs
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,160 @@ def test_colour_transparent_and_blank_images():
     assert blank.blank and blank.pixels.max() == 0
     raw = preprocess(Image.fromarray(np.full((56, 56), 255, np.uint8)), "none")  # as is: no inversion
     assert raw.pixels.shape == (28, 28) and raw.pixels.min() == 255
+
+
+# ---- pictures as people have them: every family, against the textbook recipe
+
+FAMILY_COUNT = 40  # pictures per family, from MNIST test images 0..39
+
+
+def _accuracy(predictions, labels) -> float:
+    return float(np.mean([bool(p["top"]) and p["top"][0]["index"] == y for p, y in zip(predictions, labels)]))
+
+
+@pytest.mark.slow
+def test_every_family_is_no_worse_than_the_textbook_recipe(run_dir, mnist, tmp_path):
+    from lenet.use.predict import Predictor
+
+    images = mnist.test.images[:FAMILY_COUNT].numpy()
+    labels = mnist.test.labels[:FAMILY_COUNT].numpy()
+    families, paths = {}, []
+    for n, name in enumerate(trained.FAMILY_NAMES):
+        items = trained.make_family(name, images, labels)
+        files = trained.save_family(tmp_path / f"f{n}", items)
+        families[name] = (len(paths), len(files), [y for _, y in items])
+        paths += files
+    proc = run_cli("predict", str(run_dir), *map(str, paths), "--json", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    predictions = json.loads(proc.stdout)["predictions"]
+    model = Predictor.from_run(run_dir)
+    table, ours_all, book_all = [], [], []
+    for name, (start, count, ys) in families.items():
+        ours = _accuracy(predictions[start:start + count], ys)
+        scores, _ = model.forward(np.stack([trained.textbook(Image.open(p)) for p in paths[start:start + count]]))
+        book = float((scores.argmax(1).numpy() == np.array(ys)).mean())
+        ours_all.append(ours)
+        book_all.append(book)
+        table.append(f"{name:40s} lenet predict {ours:.3f}  textbook {book:.3f}")
+    print("\n".join(table + [f"{'mean':40s} lenet predict {np.mean(ours_all):.3f}  textbook {np.mean(book_all):.3f}"]))
+    worse = [t for t, o, b in zip(table, ours_all, book_all) if o < b]
+    assert not worse, worse
+    assert np.mean(ours_all) >= np.mean(book_all) + 0.05
+
+
+def test_tight_crops_keep_their_strokes():
+    """A digit whose strokes touch the frame: its ink is kept whole, not cleared as background."""
+    rng = np.random.default_rng(3)
+    a = trained.frame(trained.pen_alpha(_seven(), 120, 9.0), rng, touch=True)
+    ys, xs = np.nonzero(a > 0.5)
+    a = a[ys.min():ys.max() + 1, xs.min():xs.max() + 1]  # touching all four edges
+    img = trained.to_img(trained.compose(a, trained.paper(*a.shape, rng), (20, 20, 25)))
+    p = preprocess(img, "digits")
+    assert not p.blank and p.inverted
+    ink = p.pixels >= 128
+    assert ink.sum() >= 60  # a whole 7, not "a few scattered blobs"
+    rows, cols = np.flatnonzero(ink.any(axis=1)), np.flatnonzero(ink.any(axis=0))
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 18
+
+
+def _seven() -> np.ndarray:
+    a = np.zeros((28, 28), np.uint8)
+    a[6:9, 7:21] = 255
+    for y in range(9, 23):
+        x = 20 - (y - 9) * 8 // 14
+        a[y, x - 1:x + 2] = 255
+    return a
+
+
+@pytest.mark.slow
+def test_fashion_items_on_other_backgrounds_are_framed_like_the_dataset(tmp_path, fashion):
+    from lenet.use.predict import Predictor
+
+    run = fashion_run(tmp_path / "runs", fashion)
+    n = 200
+    images, labels = fashion.test.images[:n].numpy(), fashion.test.labels[:n].numpy()
+    model = Predictor.from_run(run)
+    on_originals = float((model.forward(images)[0].argmax(1).numpy() == labels).mean())
+    pictures = [trained.fashion_picture(x, np.random.default_rng([7, i])) for i, x in enumerate(images)]
+    paths = trained.save_family(tmp_path / "fashion", list(zip(pictures, labels.tolist())))
+    proc = run_cli("predict", str(run), *map(str, paths), "--json", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)["predictions"]
+    through = _accuracy(out, labels.tolist())
+    print(f"Fashion-MNIST: {on_originals:.3f} on the originals, {through:.3f} through lenet predict on pictures")
+    assert abs(through - on_originals) <= 0.05
+    assert all(p["preprocess"] == "fit" and not p["blank"] for p in out)
+    # the item fills the frame along its longer side, like the dataset's images
+    seen = tmp_path / "seen.png"
+    assert run_cli("predict", str(run), *map(str, paths[:20]), "--show-preprocessed", str(seen)).returncode == 0
+    strip = np.asarray(Image.open(seen))
+    for k in range(20):
+        tile = strip[:, 28 * k:28 * (k + 1)] > 0
+        rows, cols = np.flatnonzero(tile.any(axis=1)), np.flatnonzero(tile.any(axis=0))
+        assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 >= 27
+
+
+# ---- blank images, and what the preprocessing decided
+
+
+def _blank_pictures(folder):
+    rng = np.random.default_rng(5)
+    folder.mkdir()
+    pictures = {
+        "white.png": np.full((80, 60), 255, np.uint8),
+        "black.png": np.zeros((28, 28), np.uint8),
+        "grain.png": np.clip(235 + rng.normal(0, 4, (120, 90)), 0, 255).astype(np.uint8),
+        "shaded.jpg": np.clip(np.linspace(120, 250, 150)[None, :] + rng.normal(0, 3, (110, 150)), 0, 255).astype(np.uint8),
+        "lined.png": np.asarray(trained.to_img(trained._ruled(140, 120, rng, 100, False))),
+        "dot.png": np.full((200, 200), 245, np.uint8),
+    }
+    pictures["dot.png"][100:102, 100:102] = 30
+    paths = []
+    for name, array in pictures.items():
+        img = Image.fromarray(array)
+        img.save(folder / name, **({"quality": 30} if name.endswith(".jpg") else {}))
+        paths.append(folder / name)
+    return paths
+
+
+def test_blank_and_near_blank_images_are_reported_not_classified(run_dir, tmp_path):
+    paths = _blank_pictures(tmp_path / "blank")
+    faint = tmp_path / "faint.png"  # a real digit at low contrast is not blank
+    trained.fam_low_contrast(_seven(), np.random.default_rng(1)).save(faint)
+    proc = run_cli("predict", str(run_dir), *map(str, paths), str(faint), "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)["predictions"]
+    for p in out[:-1]:
+        assert p["blank"] and p["top"] == [] and p["decisions"]["blank"], p
+    assert not out[-1]["blank"] and out[-1]["top"][0]["class"] == "7"
+    text = run_cli("predict", str(run_dir), str(paths[0]), str(faint)).stdout.splitlines()
+    assert text[0].startswith(f"{paths[0]}: blank, not classified (") and text[1].startswith(f"{faint}: 7 (")
+
+
+def test_json_says_what_the_preprocessing_decided(run_dir, mnist, tmp_path):
+    x = mnist.test.images[0].numpy()  # a 7
+    cases = {
+        "lined.png": trained.fam_lined_paper(x, np.random.default_rng(2)),
+        "screen.png": trained.fam_light_on_dark(x, np.random.default_rng(2)),
+        "canvas.png": trained.fam_transparent(x, np.random.default_rng(0)),
+        "shadow.png": trained.fam_shadow(x, np.random.default_rng(4)),
+    }
+    for name, img in cases.items():
+        img.save(tmp_path / name)
+    proc = run_cli("predict", str(run_dir), *[str(tmp_path / n) for n in cases], "--json")
+    out = {Path(p["file"]).name: p for p in json.loads(proc.stdout)["predictions"]}
+    for name, p in out.items():
+        d = p["decisions"]
+        assert p["top"][0]["class"] == "7", (name, p)
+        assert {"size", "polarity", "polarity_from", "background", "noise", "ink_contrast", "cut", "box",
+                "stroke_width"} <= set(d), d
+        x0, y0, x1, y1 = d["box"]
+        assert 0 <= x0 < x1 <= d["size"][0] and 0 <= y0 < y1 <= d["size"][1]
+    assert out["lined.png"]["decisions"]["ruled_lines"] and out["lined.png"]["decisions"]["cut"] > 0.1
+    assert out["lined.png"]["decisions"]["polarity"] == "dark on light" and out["lined.png"]["inverted"]
+    assert out["screen.png"]["decisions"]["polarity"] == "light on dark" and not out["screen.png"]["inverted"]
+    assert out["canvas.png"]["decisions"]["transparent"] in ("shown on white", "shown on black")
+    assert out["shadow.png"]["decisions"]["background_range"] > 0.2  # the shadow was modelled, not taken for ink
 
 
 # ---- real predictions

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from . import __version__
 from .errors import LenetError
-from .options import COMPILE_MODES, DEVICE_HELP, OPTIMIZERS, PRECISIONS, SCHEDULES
+from .options import (COMPILE_MODES, DEVICE_HELP, MAX_PIXELS, OPTIMIZERS, PRECISIONS, SCHEDULES, SERVE_MAX_IMAGES,
+                      SERVE_MAX_UPLOAD)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -544,7 +545,8 @@ def add_predict(sub) -> None:
     p.add_argument("--no-preprocess", action="store_true",
                    help="feed each image as is (grey-scaled and resized to 28x28 only)")
     p.add_argument("--show-preprocessed", metavar="OUT.png",
-                   help="save what the network saw: a 28x28 tile per image, side by side")
+                   help="save what the network saw: a 28x28 tile per image, side by side "
+                        "(--json also says what the preprocessing decided for each image)")
     p.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, mps")
 
 
@@ -566,9 +568,11 @@ def cmd_predict(args) -> int:
                          indent=2))
     else:
         for r in results:
+            if r.blank:
+                print(f"{r.source}: blank, not classified ({r.prepared.decisions.get('blank', 'no content found')})")
+                continue
             tops = ", ".join(f"{name} ({prob:.1%})" for name, _, prob in r.top)
-            note = "  [blank image: no content found]" if r.prepared and r.prepared.blank else ""
-            print(f"{r.source}: {tops}{note}")
+            print(f"{r.source}: {tops}")
         if args.show_preprocessed:
             print(f"network input saved to {args.show_preprocessed}")
     return 0
@@ -597,28 +601,36 @@ def add_serve(sub) -> None:
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-upload", type=_positive_int, default=4 * 1024 * 1024, metavar="BYTES",
-                   help="largest accepted upload in bytes (default 4 MiB)")
+    p.add_argument("--max-upload", type=_positive_int, default=SERVE_MAX_UPLOAD, metavar="BYTES",
+                   help=f"largest accepted request body in bytes (default {SERVE_MAX_UPLOAD // 2**20} MiB)")
+    p.add_argument("--max-images", type=_positive_int, default=SERVE_MAX_IMAGES, metavar="N",
+                   help=f"most images in one request (default {SERVE_MAX_IMAGES})")
+    p.add_argument("--max-pixels", type=_positive_int, default=MAX_PIXELS, metavar="N",
+                   help=f"largest accepted image in pixels, checked before decoding (default {MAX_PIXELS:,})")
     p.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch intra-op threads (default 1: requests are small, and run one at a time)")
+                   help="torch intra-op threads per worker (default 1: concurrent requests are batched)")
+    p.add_argument("--workers", type=_positive_int, default=1,
+                   help="processes serving the same port, each with its own model (default 1)")
     p.add_argument("--log-requests", action="store_true", help="log every request to stderr")
 
 
 def cmd_serve(args) -> int:
-    from .use.serve import make_server
+    from .use.serve import make_server, serve_workers
 
     if not 0 <= args.port <= 65535:
         raise LenetError(f"--port {args.port}: must be between 0 and 65535")
     server = make_server(args.run_dir, args.host, args.port, max_upload=args.max_upload,
+                         max_images=args.max_images, max_pixels=args.max_pixels,
                          threads=args.threads, log_requests=args.log_requests)
     host, port = server.server_address[:2]
     shown = f"[{host}]" if ":" in host else host
     if host not in ("127.0.0.1", "::1", "localhost"):
         print(f"warning: --host {host} makes the page reachable from other machines", file=sys.stderr)
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
     print(f"serving {server.app.predictor.model_name} ({server.app.predictor.dataset}) on "
-          f"http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+          f"http://{shown}:{port}/  (Ctrl-C to stop{workers})", flush=True)
     try:
-        server.serve_forever()
+        serve_workers(server, args.workers, args.run_dir, threads=args.threads)
     except KeyboardInterrupt:
         print("stopped", flush=True)
     finally:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ImageError
-
-MAX_PIXELS = 40_000_000  # larger images are refused before they are decoded
+from .options import MAX_PIXELS
 
 
 class NotAnImageError(ImageError):
@@ -31,8 +31,12 @@ class ImageTooLargeError(ImageError):
     """The image has more pixels than :data:`MAX_PIXELS`."""
 
 
-def decode_image(data: bytes, name: str = "<upload>"):
-    """Decode image bytes (PNG, JPEG, GIF, BMP, WebP, ... anything Pillow reads) into a PIL image."""
+def decode_image(data: bytes, name: str = "<upload>", max_pixels: int = MAX_PIXELS):
+    """Decode image bytes (PNG, JPEG, GIF, BMP, WebP, ... anything Pillow reads) into a PIL image.
+
+    The size is read from the header first: an image of more than ``max_pixels`` pixels (a
+    decompression bomb: a few kilobytes that would decode to gigabytes) is refused before decoding.
+    """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
@@ -41,15 +45,18 @@ def decode_image(data: bytes, name: str = "<upload>"):
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise NotAnImageError(f"{name}: not an image file Pillow can read (expected PNG, JPEG, ...)") from None
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(f"{name}: image is too large to decode safely") from None
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, from the header
+        size = re.search(r"\((\d+) pixels\)", str(exc))
+        pixels = f"{int(size.group(1)):,} pixels" if size else "too many pixels"
+        raise ImageTooLargeError(f"{name}: image is {pixels}, more than the {max_pixels:,} allowed; "
+                                 "scale it down first") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise CorruptImageError(f"{name}: cannot read image header ({exc})") from None
     w, h = img.size
     if w < 1 or h < 1:
         raise CorruptImageError(f"{name}: image has no pixels ({w}x{h})")
-    if w * h > MAX_PIXELS:
-        raise ImageTooLargeError(f"{name}: image is {w}x{h} pixels, more than the {MAX_PIXELS:,} "
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"{name}: image is {w}x{h} pixels, more than the {max_pixels:,} "
                                  "allowed; scale it down first")
     try:
         img.load()
@@ -76,14 +83,51 @@ def load_image(path: str | os.PathLike):
     return decode_image(data, str(path))
 
 
-def to_grey(img) -> np.ndarray:
-    """A PIL image -> float32 (H, W) in [0, 1]; transparent parts become white paper."""
+def has_alpha(img) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
+
+
+def contrasting_paper(img) -> str:
+    """For a picture with transparent parts: "white" when what is drawn is dark, else "black".
+
+    A canvas or drawing app saves strokes on a transparent background; the colour stored under
+    the transparent pixels means nothing, so the strokes (weighted by their opacity) decide which
+    paper they stand out on. Opaque pictures: "white"."""
+    if not has_alpha(img):
+        return "white"
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.float32) / 255.0
+    alpha = rgba[..., 3]
+    if float(alpha.min()) >= 1.0:
+        return "white"
+    weight = float(alpha.sum())
+    if weight <= 0:
+        return "white"
+    lum = rgba[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32)
+    return "white" if float((lum * alpha).sum()) / weight < 0.5 else "black"
+
+
+def to_rgb(img, paper: str = "white") -> np.ndarray:
+    """A PIL image -> float32 (H, W, 3) in [0, 1]; transparent parts become ``paper`` (white or black)."""
     from PIL import Image
 
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    if has_alpha(img):
         rgba = img.convert("RGBA")
-        paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(paper, rgba)
+        ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if paper == "white" else (0, 0, 0, 255))
+        img = Image.alpha_composite(ground, rgba)
+    if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: to_grey knows their ranges
+        grey = to_grey(img)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def to_grey(img, paper: str = "white") -> np.ndarray:
+    """A PIL image -> float32 (H, W) in [0, 1]; transparent parts become ``paper`` (white or black)."""
+    from PIL import Image
+
+    if has_alpha(img):
+        rgba = img.convert("RGBA")
+        ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if paper == "white" else (0, 0, 0, 255))
+        img = Image.alpha_composite(ground, rgba)
     if img.mode.startswith("I;16"):  # 16-bit grey: scale by the type's range
         return (np.asarray(img, dtype=np.float64) / 65535.0).astype(np.float32)
     if img.mode in ("I", "F"):  # 32-bit: no fixed range, stretch to [0, 1]
@@ -93,14 +137,17 @@ def to_grey(img) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.float32) / 255.0
 
 
-def resize(arr: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize a float [0, 1] image with antialiasing (Lanczos on a float image)."""
+def resize(arr: np.ndarray, width: int, height: int, method: str = "lanczos") -> np.ndarray:
+    """Resize a float [0, 1] image (H, W) with antialiasing: "lanczos" (default), "box" (area
+    average, for shrinking) or "bilinear"."""
     from PIL import Image
 
     if arr.shape == (height, width):
         return arr.astype(np.float32)
-    img = Image.fromarray(arr.astype(np.float32))
-    out = np.asarray(img.resize((width, height), Image.Resampling.LANCZOS), dtype=np.float32)
+    resample = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
+                "bilinear": Image.Resampling.BILINEAR}[method]
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))
+    out = np.asarray(img.resize((width, height), resample), dtype=np.float32)
     return np.clip(out, 0.0, 1.0)
 
 

@@ -39,6 +39,9 @@ COMPILE_MODES = {
     "max-autotune": "CUDA graphs and autotuned kernels on a GPU",
 }
 PRECISIONS = {"off": "float32", "bf16": "bfloat16 autocast (CUDA)", "fp16": "float16 autocast and a gradient scaler (CUDA)"}
+MAX_PIXELS = 40_000_000  # larger images are refused from their header, before they are decoded
+SERVE_MAX_UPLOAD = 4 * 1024 * 1024  # lenet serve: largest request body in bytes
+SERVE_MAX_IMAGES = 64  # lenet serve: most images in one request
 DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 
 # field -> rule. Rules: "count" (an integer >= 1), "seed" (an integer >= 0), "positive" (a finite

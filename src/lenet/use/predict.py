@@ -1,20 +1,11 @@
 """Use a trained model on real images: loading, dataset-like preprocessing, and prediction.
 
-The datasets are 28x28 grey images with light content on a black background. A photo or a
-drawing is made to look like that before the network sees it (:func:`preprocess`):
+The datasets are 28x28 grey images with light content on a black background; a photo, a scan or
+a drawing is made to look like that first (:func:`~lenet.use.preprocess.preprocess`: the MNIST
+recipe for digit models, "fit" for the others; ``"none"`` feeds the image as is, only grey-scaled
+and resized to 28x28). An image in which no content is found is reported blank and not classified.
 
-1. grey-scale (transparent pixels count as white paper; EXIF rotation is applied);
-2. invert when the image is dark-on-light (judged by the median of its border pixels);
-3. subtract the background level and stretch the ink to full brightness (noise and uneven
-   paper fall to zero);
-4. crop to the content (the pixels at least 30% as bright as the ink);
-5. ``"digits"`` (MNIST): scale so the longest side fits a 20x20 box, then place it in 28x28 so its
-   centre of mass is at the centre (the recipe used to build MNIST);
-   ``"fit"`` (Fashion-MNIST and others): scale so the longest side is 28 and centre it.
-
-``"none"`` (``--no-preprocess``) feeds the image as it is, only grey-scaled and resized to 28x28.
-
-    >>> from lenet.predict import Predictor, load_image
+    >>> from lenet.use.predict import Predictor, load_image
     >>> p = Predictor.from_run("runs/mnist")
     >>> p.predict([p.prepare(load_image("seven.png"))], top_k=3)[0].top
 """
@@ -35,80 +26,8 @@ from torch import nn
 from ..errors import ImageError
 from ..images import (MAX_PIXELS, CorruptImageError, ImageTooLargeError, NotAnImageError,  # noqa: F401
                       decode_image, load_image, resize, to_grey, to_uint8)
-
-SIZE = 28
-DIGIT_BOX = 20
-MODES = ("digits", "fit", "none")
-DIGIT_DATASETS = ("mnist", "emnist", "kmnist", "qmnist")
-
-
-# --------------------------------------------------------------------------------------------
-# Preprocessing
-
-
-def mode_for_dataset(dataset: str) -> str:
-    """The preprocessing that makes an image look like ``dataset``: digits (MNIST recipe) or fit."""
-    return "digits" if dataset.lower() in DIGIT_DATASETS else "fit"
-
-
-@dataclass
-class Prepared:
-    """What the network sees for one image, and how it was made."""
-
-    pixels: np.ndarray  # uint8 (28, 28), light on dark
-    mode: str
-    inverted: bool = False
-    blank: bool = False  # no content found: the network sees an empty image
-
-
-def preprocess(img, mode: str = "digits") -> Prepared:
-    """Make a PIL image look like a dataset image: uint8 (28, 28), light content on black."""
-    if mode not in MODES:
-        raise ValueError(f"unknown preprocessing mode {mode!r}: choose one of {', '.join(MODES)}")
-    grey = to_grey(img)
-    if mode == "none":
-        return Prepared(to_uint8(resize(grey, SIZE, SIZE)), mode)
-
-    border = np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
-    inverted = bool(np.median(border) > 0.5)
-    if inverted:
-        grey = 1.0 - grey
-        border = 1.0 - border
-    if min(grey.shape) >= 64:  # a 3x3 median removes speckle noise; small images keep thin strokes
-        from PIL import Image, ImageFilter
-
-        grey = np.asarray(Image.fromarray(to_uint8(grey)).filter(ImageFilter.MedianFilter(3)),
-                          dtype=np.float32) / 255.0
-        border = np.concatenate([grey[0, :], grey[-1, :], grey[:, 0], grey[:, -1]])
-    background = float(np.percentile(border, 95))
-    ink = float(np.percentile(grey, 99.5)) if grey.size >= 400 else float(grey.max())
-    ink = max(ink, float(grey.max()) * 0.8)
-    if ink - background < 0.1:  # nothing stands out from the background
-        return Prepared(np.zeros((SIZE, SIZE), np.uint8), mode, inverted, blank=True)
-    level = np.clip((grey - background) / (ink - background), 0.0, 1.0)
-    level[level < 0.05] = 0.0  # what is left of the paper's noise
-    rows = np.flatnonzero((level >= 0.3).any(axis=1))
-    cols = np.flatnonzero((level >= 0.3).any(axis=0))
-    level = level[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
-    h, w = level.shape
-    box = DIGIT_BOX if mode == "digits" else SIZE
-    scale = box / max(h, w)
-    nh, nw = max(1, min(box, round(h * scale))), max(1, min(box, round(w * scale)))
-    patch = resize(level, nw, nh)
-    out = np.zeros((SIZE, SIZE), np.float32)
-    if mode == "digits":
-        total = float(patch.sum())
-        if total > 0:
-            ys, xs = np.indices(patch.shape)
-            cy, cx = float((ys * patch).sum()) / total, float((xs * patch).sum()) / total
-        else:
-            cy, cx = (nh - 1) / 2, (nw - 1) / 2
-        top = int(np.clip(round((SIZE - 1) / 2 - cy), 0, SIZE - nh))
-        left = int(np.clip(round((SIZE - 1) / 2 - cx), 0, SIZE - nw))
-    else:
-        top, left = (SIZE - nh) // 2, (SIZE - nw) // 2
-    out[top:top + nh, left:left + nw] = patch
-    return Prepared(to_uint8(out), mode, inverted)
+from .preprocess import (DIGIT_BOX, DIGIT_DATASETS, MODES, SIZE, Prepared, mode_for_dataset,  # noqa: F401
+                         preprocess)
 
 
 # --------------------------------------------------------------------------------------------
@@ -117,7 +36,8 @@ def preprocess(img, mode: str = "digits") -> Prepared:
 
 @dataclass
 class Prediction:
-    """Top-k classes of one image. ``top`` is a list of (class name, class index, probability)."""
+    """Top-k classes of one image. ``top`` is a list of (class name, class index, probability);
+    empty (and ``probabilities`` too) for a blank image, which is not classified."""
 
     top: list[tuple[str, int, float]]
     probabilities: list[float]
@@ -127,7 +47,11 @@ class Prediction:
 
     @property
     def label(self) -> str:
-        return self.top[0][0]
+        return self.top[0][0] if self.top else ""
+
+    @property
+    def blank(self) -> bool:
+        return self.prepared is not None and self.prepared.blank
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"file": self.source} if self.source else {}
@@ -136,6 +60,8 @@ class Prediction:
             d["preprocess"] = self.prepared.mode
             d["inverted"] = self.prepared.inverted
             d["blank"] = self.prepared.blank
+            if self.prepared.decisions:
+                d["decisions"] = self.prepared.decisions
         return d
 
 
@@ -206,6 +132,7 @@ class Predictor:
 
     def predict(self, prepared: Sequence[Prepared], top_k: int = 3, *, sources: Sequence[str] | None = None,
                 activations: bool = False) -> list[Prediction]:
+        """Classify prepared images in one forward pass (blank ones get no classes)."""
         if not prepared:
             return []
         scores, acts = self.forward(np.stack([p.pixels for p in prepared]), activations=activations)
@@ -214,9 +141,29 @@ class Predictor:
         values, indices = probs.topk(k, dim=1)
         out = []
         for n, p in enumerate(prepared):
-            top = [(self._name(i), i, float(v)) for v, i in zip(values[n].tolist(), indices[n].tolist())]
-            out.append(Prediction(top, probs[n].tolist(), sources[n] if sources else "", p,
+            if p.blank:  # nothing to classify: no classes, no probabilities
+                top, row = [], []
+            else:
+                top = [(self._name(i), i, float(v)) for v, i in zip(values[n].tolist(), indices[n].tolist())]
+                row = probs[n].tolist()
+            out.append(Prediction(top, row, sources[n] if sources else "", p,
                                   {name: a[n].numpy() for name, a in acts.items()}))
+        return out
+
+    def describe(self, prepared: Prepared, scores: torch.Tensor, top_k: int = 3) -> dict[str, Any]:
+        """The JSON answer for one image from its row of class scores (the server's per-image result)."""
+        if prepared.blank:
+            top: list[tuple[str, int, float]] = []
+            row: list[float] = []
+        else:
+            logits = np.asarray(scores, dtype=np.float64)
+            probs = np.exp(logits - logits.max())
+            probs /= probs.sum()
+            order = np.argsort(-probs, kind="stable")[:max(1, min(top_k, probs.shape[0]))]
+            top = [(self._name(int(i)), int(i), float(probs[i])) for i in order]
+            row = probs.tolist()
+        out = Prediction(top, row, "", prepared).to_dict()
+        out["probabilities"] = [round(v, 6) for v in row]
         return out
 
     def _name(self, index: int) -> str:

@@ -1,66 +1,78 @@
-"""``lenet serve``: a small local web app to draw or upload an image and watch the network classify it.
+"""``lenet serve``: a small local web app and JSON API to classify images with a trained run.
 
-Only the standard library's :class:`~http.server.ThreadingHTTPServer`; every asset (page, script,
-style, icon) is packaged in ``lenet/static/`` and served by the app, so the page works offline.
-It binds 127.0.0.1 by default. Inference runs one request at a time under the predictor's lock
-(a LeNet forward pass takes well under a millisecond; decoding and JSON run in parallel).
+Starlette on uvicorn (with httptools), python-multipart for form uploads, and a micro-batcher:
+the images of concurrent requests go through the network together, in one forward pass. Every
+asset (page, script, style, icon) is packaged in ``lenet/use/static/`` and served by the app, so
+the page works offline. It binds 127.0.0.1 by default; ``--workers N`` serves the same socket
+from N processes, each with its own copy of the model.
 
-HTTP API (JSON responses; errors are ``{"error": "<one line>"}`` with a 4xx status):
+HTTP API (JSON answers; an error is ``{"error": "<one line>", "status": N}`` with a 4xx status):
 
+``GET /healthz`` (or ``/ping``)
+    ``{"status": "ok", "model", "dataset"}``: the model is loaded and answering.
 ``GET /api/info``
-    ``{"model", "dataset", "classes", "preprocess", "layers", "max_upload_bytes"}``
-``POST /api/predict[?top_k=3&preprocess=1&activations=1]``
-    Body: the raw bytes of one image file (PNG, JPEG, GIF, BMP, WebP...; ``Content-Type``
-    ``image/*`` or ``application/octet-stream``; not a multipart form). Answer::
+    ``{"model", "dataset", "classes", "preprocess", "layers", "max_upload_bytes", "max_images",
+    "max_pixels"}``
+``POST /api/predict[?top_k=3&preprocess=1&activations=1&batch=0]``
+    The body is either the raw bytes of one image (PNG, JPEG, GIF, BMP, WebP...), or a
+    ``multipart/form-data`` form whose file fields (any names) are images: ``curl -F
+    image=@digit.png``; several file fields, several images. The parameters may also be sent as
+    form fields. One image answers one object::
 
         {"top": [{"class": "7", "index": 7, "probability": 0.98}, ...],
          "probabilities": [...one per class...],
-         "preprocess": "digits", "inverted": true, "blank": false,
+         "preprocess": "digits", "inverted": true, "blank": false, "decisions": {...},
+         "file": "digit.png", "field": "image",          (form uploads)
          "input": [784 ints 0-255: the 28x28 image the network saw, row by row],
          "activations": [{"layer": "act1", "shape": [6, 28, 28], "min": 0.0, "max": 1.7,
                           "data": [...C*H*W floats, row-major...]}, ...],
          "elapsed_ms": 3.1}
 
-    ``preprocess=0`` feeds the image as is (resized to 28x28); ``activations=0`` leaves them out.
-    413: body larger than ``--max-upload``; 415: not an image (or a form upload); 400: corrupt
-    image, empty body or bad query; 411: no Content-Length.
+    Several images (or ``batch=1``) answer ``{"predictions": [one object per image, in the
+    order of the form], "count", "elapsed_ms"}``. A blank image has ``"blank": true`` and an
+    empty ``top``: it is not classified.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import socket
 import sys
 import threading
 import time
 import traceback
 from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Iterator
-from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
 from ..errors import ImageError, LenetError
-from ..use.predict import CorruptImageError, ImageTooLargeError, NotAnImageError, Predictor, decode_image
+from ..options import MAX_PIXELS, SERVE_MAX_IMAGES, SERVE_MAX_UPLOAD
+from ..use.predict import CorruptImageError, ImageTooLargeError, NotAnImageError, Prepared, Predictor, decode_image
 
-DEFAULT_MAX_UPLOAD = 4 * 1024 * 1024
-DRAIN_LIMIT = 64 * 1024 * 1024  # bodies up to this size are read and dropped before a 413
+DEFAULT_MAX_UPLOAD = SERVE_MAX_UPLOAD
+DEFAULT_MAX_IMAGES = SERVE_MAX_IMAGES
+INLINE_BYTES = 64 * 1024  # larger uploads are decoded in a worker thread, off the event loop
+MAX_BATCH = 256  # images per forward pass
+PARAMETERS = ("top_k", "preprocess", "activations", "batch")
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png"}
-SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
-                               "script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-}
+SECURITY_HEADERS = [
+    (b"content-security-policy", b"default-src 'self'; img-src 'self' data: blob:; style-src 'self'; "
+                                 b"script-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+]
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, close: bool = False):
+    def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status = status
-        self.close = close
 
 
 def load_static() -> dict[str, tuple[bytes, str]]:
@@ -74,225 +86,475 @@ def load_static() -> dict[str, tuple[bytes, str]]:
     if "/static/index.html" not in files:
         raise LenetError("lenet/static/index.html is missing from the installed package; reinstall lenet")
     files["/"] = files["/static/index.html"]
+    files["/favicon.ico"] = files.get("/static/favicon.svg", (b"", "image/svg+xml"))
     return files
 
 
-class App:
-    """What the server does, independent of HTTP: info, and predict on image bytes."""
+# --------------------------------------------------------------------------------------------
+# Uploads: raw bytes or multipart/form-data
 
-    def __init__(self, predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD):
+
+@dataclass
+class Upload:
+    """One image of a request, and where it came from (a form's field and file name)."""
+
+    data: bytes
+    field: str = ""
+    filename: str = ""
+
+    @property
+    def name(self) -> str:
+        if self.filename:
+            return self.filename
+        return f"field {self.field!r}" if self.field else "upload"
+
+
+def parse_form(body: bytes, content_type: str, max_images: int) -> tuple[list[Upload], dict[str, str]]:
+    """The images (every part that is not a parameter) and the parameters of a multipart form."""
+    from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise ApiError(400, "multipart/form-data without a boundary in its Content-Type")
+    parts: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"field": b"", "value": b"", "ended": False, "images": 0}
+
+    def on_part_begin() -> None:
+        parts.append({"headers": {}, "data": []})
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        state["value"] += data[start:end]
+
+    def on_header_end() -> None:
+        parts[-1]["headers"][state["field"].decode("latin-1").lower()] = state["value"].decode("latin-1")
+        state["field"], state["value"] = b"", b""
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        parts[-1]["data"].append(data[start:end])
+
+    def on_part_end() -> None:
+        disposition = parse_options_header(parts[-1]["headers"].get("content-disposition", ""))[1]
+        name = disposition.get(b"name", b"").decode("utf-8", "replace")
+        parts[-1]["name"] = name
+        parts[-1]["filename"] = disposition.get(b"filename", b"").decode("utf-8", "replace")
+        if name not in PARAMETERS or b"filename" in disposition:
+            state["images"] += 1
+            if state["images"] > max_images:
+                raise ApiError(413, f"more than {max_images} images in one request (--max-images); "
+                                    "send them in several requests")
+            parts[-1]["image"] = True
+
+    def on_end() -> None:
+        state["ended"] = True
+
+    parser = MultipartParser(boundary, {
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
+        "on_end": on_end})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise ApiError(400, f"malformed multipart/form-data body ({exc})") from None
+    if not state["ended"]:
+        raise ApiError(400, "multipart/form-data body ends before its closing boundary (truncated upload?)")
+    images, params = [], {}
+    for part in parts:
+        data = b"".join(part["data"])
+        if part.get("image"):
+            images.append(Upload(data, part["name"], part["filename"]))
+        else:
+            params[part["name"]] = data.decode("utf-8", "replace").strip()
+    if not images:
+        raise ApiError(400, "the form has no file field: send the image as one, e.g. curl -F image=@digit.png")
+    return images, params
+
+
+def _flag(params: dict[str, str], name: str, default: bool) -> bool:
+    if name not in params:
+        return default
+    value = params[name].lower()
+    if value in ("1", "true", "yes", "on", ""):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ApiError(400, f"parameter {name}={value!r}: use 1 or 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Micro-batching
+
+
+class Batcher:
+    """Runs the network for concurrent requests, several requests' images in one forward pass.
+
+    A request queues its images and awaits the result. The first one queued schedules a pass on
+    the event loop's next turn, so the requests being handled meanwhile join it: one request at a
+    time is a plain call, and under load the batches grow by themselves, without a timer.
+    """
+
+    def __init__(self, predictor: Predictor, max_batch: int = MAX_BATCH):
         self.predictor = predictor
+        self.max_batch = max_batch
+        self._queue: list[tuple[np.ndarray, bool, asyncio.Future]] = []
+        self.passes = 0
+        self.images = 0
+
+    async def run(self, pixels: np.ndarray, activations: bool = False):
+        """Class scores (N, classes) for (N, 28, 28) uint8 images, and the activation maps if asked."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((pixels, activations, future))
+        return await future
+
+    def _flush(self) -> None:
+        jobs, self._queue = self._queue, []
+        start = 0
+        while start < len(jobs):  # at most max_batch images per pass (a single request may exceed it)
+            chunk, count = [], 0
+            while start < len(jobs) and (not chunk or count + len(jobs[start][0]) <= self.max_batch):
+                chunk.append(jobs[start])
+                count += len(jobs[start][0])
+                start += 1
+            try:
+                scores, maps = self.predictor.forward(np.concatenate([j[0] for j in chunk]),
+                                                      activations=any(j[1] for j in chunk))
+            except Exception as exc:  # a bug: every request of the pass gets it
+                for _, _, future in chunk:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.passes += 1
+            self.images += count
+            row = 0
+            for pixels, want_maps, future in chunk:
+                n = len(pixels)
+                result = (scores[row:row + n], {k: v[row:row + n] for k, v in maps.items()} if want_maps else {})
+                if not future.done():  # its client may have gone
+                    future.set_result(result)
+                row += n
+
+
+# --------------------------------------------------------------------------------------------
+# The app, independent of HTTP
+
+
+class App:
+    """What the server does: info, and predict on uploaded images."""
+
+    def __init__(self, predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD,
+                 max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = MAX_PIXELS):
+        self.predictor = predictor
+        self.batcher = Batcher(predictor)
         self.max_upload = max_upload
+        self.max_images = max_images
+        self.max_pixels = max_pixels
         self.static = load_static()
 
     def info(self) -> dict[str, Any]:
         p = self.predictor
         return {"model": p.model_name, "dataset": p.dataset, "classes": list(p.classes),
-                "preprocess": p.mode, "layers": p.layers, "max_upload_bytes": self.max_upload}
+                "preprocess": p.mode, "layers": p.layers, "max_upload_bytes": self.max_upload,
+                "max_images": self.max_images, "max_pixels": self.max_pixels}
 
-    def predict(self, data: bytes, *, top_k: int = 3, preprocess: bool = True,
-                activations: bool = True) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        img = decode_image(data, "upload")
-        prepared = self.predictor.prepare(img, preprocess)
-        result = self.predictor.predict([prepared], top_k, activations=activations)[0]
-        out = result.to_dict()
-        out["probabilities"] = [round(p, 6) for p in result.probabilities]
-        out["input"] = prepared.pixels.reshape(-1).tolist()
-        if activations:
-            out["activations"] = [
-                {"layer": name, "shape": list(a.shape), "min": round(float(a.min()), 4),
-                 "max": round(float(a.max()), 4), "data": np.round(a.reshape(-1), 4).tolist()}
-                for name, a in result.activations.items()]
-        out["elapsed_ms"] = round((time.perf_counter() - t0) * 1000, 2)
-        return out
-
-
-def _flag(query: dict[str, list[str]], name: str, default: bool) -> bool:
-    if name not in query:
-        return default
-    value = query[name][-1].lower()
-    if value in ("1", "true", "yes", "on", ""):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise ApiError(400, f"query parameter {name}={value!r}: use 1 or 0")
-
-
-class Handler(BaseHTTPRequestHandler):
-    server: "LenetServer"
-    protocol_version = "HTTP/1.1"
-    server_version = "lenet-serve"
-    timeout = 30  # a silent client loses its thread after 30 s
-
-    # ---- plumbing
-
-    def _send(self, status: int, body: bytes, content_type: str, *, close: bool = False,
-              cache: str = "no-store") -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", cache)
-        for key, value in SECURITY_HEADERS.items():
-            self.send_header(key, value)
-        if close:
-            self.send_header("Connection", "close")
-            self.close_connection = True
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _json(self, status: int, obj: Any, close: bool = False) -> None:
-        self._send(status, json.dumps(obj, separators=(",", ":")).encode(), "application/json", close=close)
-
-    def _error(self, status: int, message: str, close: bool = False) -> None:
-        self._json(status, {"error": message, "status": status}, close=close)
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base class's name)
-        if self.server.log_requests:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
-
-    def _guard(self, action) -> None:
+    def prepare(self, upload: Upload, preprocess: bool) -> Prepared:
+        """Decode and preprocess one image; a bad image raises ApiError naming it."""
         try:
-            action()
-        except ApiError as exc:
-            self._error(exc.status, str(exc), close=exc.close)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):  # the client left or stalled
-            self.close_connection = True
-        except Exception:  # a bug: answer 500, keep serving, show the traceback on the console
-            traceback.print_exc(file=sys.stderr)
-            try:
-                self._error(500, "internal error while handling the request (see the server's console)", close=True)
-            except OSError:
-                self.close_connection = True
-
-    # ---- routes
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self._guard(self._get)
-
-    def do_HEAD(self) -> None:  # noqa: N802
-        self._guard(self._get)
-
-    def do_POST(self) -> None:  # noqa: N802
-        self._guard(self._post)
-
-    def _get(self) -> None:
-        path = urlsplit(self.path).path
-        app = self.server.app
-        if path == "/api/info":
-            self._json(200, app.info())
-        elif path in app.static:
-            body, ctype = app.static[path]
-            self._send(200, body, ctype, cache="no-cache")
-        elif path == "/favicon.ico":
-            body, ctype = app.static.get("/static/favicon.svg", (b"", "image/svg+xml"))
-            self._send(200, body, ctype, cache="no-cache")
-        elif path == "/api/predict":
-            raise ApiError(405, "use POST /api/predict with the image bytes as the body")
-        else:
-            raise ApiError(404, f"no such page: {path}")
-
-    def _read_body(self) -> bytes:
-        max_upload = self.server.app.max_upload
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or "Content-Length" not in self.headers:
-            raise ApiError(411, "send the image with a Content-Length header", close=True)
-        try:
-            length = int(self.headers["Content-Length"])
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise ApiError(400, f"bad Content-Length {self.headers['Content-Length']!r}", close=True) from None
-        if length > max_upload:
-            if length <= DRAIN_LIMIT:  # read it so the client sees our answer, not a reset
-                left = length
-                while left > 0:
-                    chunk = self.rfile.read(min(left, 1 << 16))
-                    if not chunk:
-                        break
-                    left -= len(chunk)
-            raise ApiError(413, f"upload of {length:,} bytes is larger than the {max_upload:,} "
-                                f"allowed (--max-upload); send a smaller image", close=True)
-        data = self.rfile.read(length)
-        if len(data) != length:
-            raise ApiError(400, f"body ended after {len(data)} of {length} bytes", close=True)
-        return data
-
-    def _post(self) -> None:
-        url = urlsplit(self.path)
-        if url.path != "/api/predict":
-            known = url.path in self.server.app.static or url.path == "/api/info"
-            raise ApiError(405 if known else 404, f"no POST endpoint at {url.path}; use POST /api/predict",
-                           close=True)
-        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        data = self._read_body()
-        if ctype.startswith("multipart/"):
-            raise ApiError(415, f"{ctype} is not supported: send the raw image bytes as the body "
-                                "(e.g. curl --data-binary @digit.png)")
-        if not data:
-            raise ApiError(400, "empty body: send the bytes of a PNG or JPEG image")
-        query = parse_qs(url.query, keep_blank_values=True)
-        top_k = query.get("top_k", ["3"])[-1]
-        if not top_k.isdigit() or int(top_k) < 1:
-            raise ApiError(400, f"query parameter top_k={top_k!r}: use a positive integer")
-        try:
-            result = self.server.app.predict(data, top_k=int(top_k), preprocess=_flag(query, "preprocess", True),
-                                             activations=_flag(query, "activations", True))
+            img = decode_image(upload.data, upload.name, max_pixels=self.max_pixels)
         except NotAnImageError as exc:
+            if upload.field and not upload.filename:  # a text field: curl -F image=digit.png (no @)
+                raise ApiError(415, f"form field {upload.field!r} is text, not an image file: send a file "
+                                    f"(curl -F {upload.field}=@digit.png)") from None
             raise ApiError(415, str(exc)) from None
         except ImageTooLargeError as exc:
             raise ApiError(413, str(exc)) from None
         except (CorruptImageError, ImageError) as exc:
             raise ApiError(400, str(exc)) from None
-        self._json(200, result)
+        return self.predictor.prepare(img, preprocess)
+
+    def prepare_all(self, uploads: list[Upload], preprocess: bool) -> list[Prepared]:
+        return [self.prepare(u, preprocess) for u in uploads]  # every image is checked before any is run
+
+    def answer(self, uploads: list[Upload], prepared: list[Prepared], scores, maps: dict, *, top_k: int,
+               activations: bool, batch: bool | None, t0: float) -> dict[str, Any]:
+        results = []
+        for n, (upload, p) in enumerate(zip(uploads, prepared)):
+            out = self.predictor.describe(p, scores[n], top_k)
+            if upload.field or upload.filename:
+                out["file"], out["field"] = upload.filename, upload.field
+            out["input"] = p.pixels.reshape(-1).tolist()
+            if activations:
+                out["activations"] = [
+                    {"layer": name, "shape": list(a.shape[1:]), "min": round(float(a[n].min()), 4),
+                     "max": round(float(a[n].max()), 4), "data": np.round(np.asarray(a[n], np.float32).reshape(-1), 4).tolist()}
+                    for name, a in maps.items()]
+            results.append(out)
+        elapsed = round((time.perf_counter() - t0) * 1000, 2)
+        if batch or (batch is None and len(results) > 1):
+            return {"predictions": results, "count": len(results), "elapsed_ms": elapsed}
+        results[0]["elapsed_ms"] = elapsed
+        return results[0]
+
+    async def predict(self, uploads: list[Upload], *, top_k: int = 3, preprocess: bool = True,
+                      activations: bool = True, batch: bool | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        if sum(len(u.data) for u in uploads) > INLINE_BYTES:  # big pictures: decode off the event loop
+            from starlette.concurrency import run_in_threadpool
+
+            prepared = await run_in_threadpool(self.prepare_all, uploads, preprocess)
+        else:
+            prepared = self.prepare_all(uploads, preprocess)
+        scores, maps = await self.batcher.run(np.stack([p.pixels for p in prepared]), activations)
+        return self.answer(uploads, prepared, scores, maps, top_k=top_k, activations=activations, batch=batch, t0=t0)
 
 
-class LenetServer(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 64
+# --------------------------------------------------------------------------------------------
+# HTTP: a Starlette app
 
-    def __init__(self, address, app: App, log_requests: bool = False):
-        self.app = app
-        self.log_requests = log_requests
-        super().__init__(address, Handler)
 
-    def handle_error(self, request, client_address):
-        """A client that hangs up mid-response (browsers do) is not an error worth a traceback."""
-        import sys
+def _json(status: int, obj: Any):
+    from starlette.responses import Response
 
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return
-        super().handle_error(request, client_address)
+    return Response(json.dumps(obj, separators=(",", ":")), status_code=status, media_type="application/json",
+                    headers={"cache-control": "no-store"})
+
+
+def _error(status: int, message: str):
+    return _json(status, {"error": message, "status": status})
+
+
+async def _read_body(request, max_upload: int) -> bytes:
+    """The request body, refusing more than ``max_upload`` bytes (from the header, before reading)."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        if not length.isdigit():
+            raise ApiError(400, f"bad Content-Length {length!r}")
+        if int(length) > max_upload:
+            raise ApiError(413, f"upload of {int(length):,} bytes is larger than the {max_upload:,} allowed "
+                                "(--max-upload); send a smaller image")
+    chunks, size = [], 0
+    async for chunk in request.stream():  # ClientDisconnect if the client hangs up
+        size += len(chunk)
+        if size > max_upload:
+            raise ApiError(413, f"upload larger than the {max_upload:,} bytes allowed (--max-upload); "
+                                "send a smaller image")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_images: int = DEFAULT_MAX_IMAGES,
+               max_pixels: int = MAX_PIXELS):
+    """The ASGI app (Starlette) serving ``predictor``; its :class:`App` is ``.state.lenet``."""
+    from starlette.applications import Starlette
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    app = App(predictor, max_upload=max_upload, max_images=max_images, max_pixels=max_pixels)
+
+    async def static(request):
+        body, ctype = app.static[request.url.path]
+        return Response(body, media_type=ctype, headers={"cache-control": "no-cache"})
+
+    async def healthz(request):
+        return _json(200, {"status": "ok", "model": predictor.model_name, "dataset": predictor.dataset})
+
+    async def info(request):
+        return _json(200, app.info())
+
+    async def predict(request):
+        try:
+            if request.method != "POST":
+                raise ApiError(405, "use POST /api/predict with the image as the body or as a form's file field")
+            params = dict(request.query_params)
+            content_type = request.headers.get("content-type", "")
+            kind = content_type.split(";")[0].strip().lower()
+            data = await _read_body(request, app.max_upload)
+            if not data:
+                raise ApiError(400, "empty body: send an image (raw bytes, or a form with curl -F image=@digit.png)")
+            if kind == "multipart/form-data":
+                uploads, fields = parse_form(data, content_type, app.max_images)
+                params.update(fields)
+            elif kind.startswith("multipart/"):
+                raise ApiError(415, f"{kind} is not supported: send multipart/form-data (curl -F image=@digit.png) "
+                                    "or the raw image bytes (curl --data-binary @digit.png)")
+            else:  # the raw bytes of one image, whatever the type says (curl --data-binary says a url-encoded form)
+                uploads = [Upload(data)]
+            unknown = sorted(set(params) - set(PARAMETERS))
+            if unknown:
+                raise ApiError(400, f"unknown parameter {unknown[0]!r}: use {', '.join(PARAMETERS)}")
+            top_k = params.get("top_k", "3")
+            if not top_k.isdigit() or int(top_k) < 1:
+                raise ApiError(400, f"parameter top_k={top_k!r}: use a positive integer")
+            batch = _flag(params, "batch", False) if "batch" in params else None
+            result = await app.predict(uploads, top_k=int(top_k), preprocess=_flag(params, "preprocess", True),
+                                       activations=_flag(params, "activations", True), batch=batch)
+            return _json(200, result)
+        except ApiError as exc:
+            return _error(exc.status, str(exc))
+        except ClientDisconnect:  # the client hung up mid-upload: nobody to answer
+            return Response(status_code=400)
+        except Exception:  # a bug: answer 500, keep serving, show the traceback on the console
+            traceback.print_exc(file=sys.stderr)
+            return _error(500, "internal error while handling the request (see the server's console)")
+
+    async def http_error(request, exc):
+        if exc.status_code == 405:
+            message = (f"{request.method} is not supported at {request.url.path}: use GET for pages, /api/info "
+                       "and /healthz, POST for /api/predict")
+        elif exc.status_code == 404:
+            message = f"no such page: {request.url.path}"
+        else:
+            message = str(exc.detail)
+        return _error(exc.status_code, message)
+
+    async def server_error(request, exc):
+        traceback.print_exception(exc, file=sys.stderr)
+        return _error(500, "internal error while handling the request (see the server's console)")
+
+    routes = [Route(path, static, methods=["GET", "HEAD"]) for path in app.static]
+    routes += [Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/ping", healthz, methods=["GET", "HEAD"]),
+               Route("/api/info", info, methods=["GET", "HEAD"]),
+               Route("/api/predict", predict, methods=["POST", "GET", "HEAD"])]
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    starlette.state.lenet = app
+    return _SecurityHeaders(starlette, app)
+
+
+class _SecurityHeaders:
+    """ASGI wrapper adding the security headers to every HTTP answer (a Content-Security-Policy that
+    allows only this server's own files)."""
+
+    def __init__(self, inner, app: App):
+        self.inner = inner
+        self.lenet = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.inner(scope, receive, send)
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.inner(scope, receive, send_with_headers)
+
+
+# --------------------------------------------------------------------------------------------
+# The server
+
+
+class LenetServer:
+    """A bound socket and the uvicorn server that will serve the app on it."""
+
+    def __init__(self, sock: socket.socket, asgi, config_kwargs: dict[str, Any]):
+        import uvicorn
+
+        self.socket = sock
+        self.asgi = asgi
+        self.app: App = asgi.lenet
+        self.config_kwargs = config_kwargs
+        self.uvicorn = uvicorn.Server(uvicorn.Config(asgi, **config_kwargs))
+
+    @property
+    def server_address(self) -> tuple:
+        return self.socket.getsockname()
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         return f"http://{f'[{host}]' if ':' in host else host}:{port}/"
 
+    def serve_forever(self) -> None:
+        self.uvicorn.run(sockets=[self.socket])
+
+    def shutdown(self) -> None:
+        self.uvicorn.should_exit = True
+
+    def server_close(self) -> None:
+        try:
+            self.socket.close()
+        except OSError:
+            pass
+
+
+def _config(log_requests: bool) -> dict[str, Any]:
+    return {"log_level": "warning", "access_log": log_requests, "lifespan": "off", "timeout_keep_alive": 5,
+            "server_header": False, "date_header": False}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """Listen on host:port (port 0: a free one), with a clear error when it cannot."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
+            raise LenetError(f"port {port} on {host} is already in use: choose another --port "
+                             "(--port 0 picks a free one)") from None
+        raise LenetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
 
 def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_upload: int = DEFAULT_MAX_UPLOAD,
+                max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = MAX_PIXELS,
                 threads: int | None = 1, log_requests: bool = False, predictor: Predictor | None = None,
                 device: str = "cpu") -> LenetServer:
     """Load the run and bind the server (not yet serving: call ``serve_forever()``)."""
-    import socket
-
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     predictor = predictor or Predictor.from_run(run_dir, device)
-    app = App(predictor, max_upload=max_upload)
-    server_class = LenetServer
-    if ":" in host:  # an IPv6 address such as ::1
-        server_class = type("LenetServer6", (LenetServer,), {"address_family": socket.AF_INET6})
-    try:
-        return server_class((host, port), app, log_requests=log_requests)
-    except OSError as exc:
-        if exc.errno in (98, 48, 10048):  # EADDRINUSE on Linux, macOS, Windows
-            raise LenetError(f"port {port} on {host} is already in use: choose another --port "
-                             "(--port 0 picks a free one)") from None
-        raise LenetError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    asgi = create_app(predictor, max_upload=max_upload, max_images=max_images, max_pixels=max_pixels)
+    return LenetServer(bind(host, port), asgi, _config(log_requests))
+
+
+# --- several worker processes (uvicorn's supervisor; each worker builds the app from this setting)
+
+_WORKER_SETTINGS = "LENET_SERVE_WORKER"
+
+
+def worker_app():
+    """The ASGI app of one ``--workers`` process, from the settings its parent left in the environment."""
+    import torch
+
+    settings = json.loads(os.environ[_WORKER_SETTINGS])
+    if settings["threads"]:
+        torch.set_num_threads(settings["threads"])
+    predictor = Predictor.from_run(settings["run_dir"], settings["device"])
+    return create_app(predictor, max_upload=settings["max_upload"], max_images=settings["max_images"],
+                      max_pixels=settings["max_pixels"])
+
+
+def serve_workers(server: LenetServer, workers: int, run_dir, *, threads: int | None = 1,
+                  device: str = "cpu") -> None:
+    """Serve ``server``'s socket from ``workers`` processes (1: in this process). Returns on Ctrl-C."""
+    if workers <= 1:
+        server.serve_forever()
+        return
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    app = server.app
+    os.environ[_WORKER_SETTINGS] = json.dumps({
+        "run_dir": str(run_dir), "device": device, "threads": threads, "max_upload": app.max_upload,
+        "max_images": app.max_images, "max_pixels": app.max_pixels})
+    config = uvicorn.Config("lenet.use.serve:worker_app", factory=True, workers=workers, **server.config_kwargs)
+    Multiprocess(config, sockets=[server.socket]).run()
 
 
 @contextmanager
@@ -300,9 +562,12 @@ def running(server: LenetServer) -> Iterator[LenetServer]:
     """Serve in a background thread for the duration of a ``with`` block (tests, benchmarks)."""
     thread = threading.Thread(target=server.serve_forever, name="lenet-serve", daemon=True)
     thread.start()
+    deadline = time.monotonic() + 30
+    while not server.uvicorn.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
     try:
         yield server
     finally:
         server.shutdown()
-        server.server_close()
         thread.join(timeout=10)
+        server.server_close()

@@ -130,9 +130,12 @@
         return;
       }
       render(data);
+      if (data.blank || !data.top.length) {
+        status(label + ": blank, not classified (" + ((data.decisions && data.decisions.blank) || "no content found") + ")");
+        return;
+      }
       const top = data.top[0];
-      status(label + ": " + top["class"] + " (" + (100 * top.probability).toFixed(1) + "%)" +
-             (data.blank ? " — the image looks blank" : "") + " in " + data.elapsed_ms + " ms");
+      status(label + ": " + top["class"] + " (" + (100 * top.probability).toFixed(1) + "%) in " + data.elapsed_ms + " ms");
     } catch (err) {
       status("cannot reach the server: " + err.message, true);
     } finally {
