@@ -352,8 +352,9 @@ def _digits(grey: np.ndarray, decisions: dict) -> Prepared:
     ink = _quantile(strong, 0.9) if strong.size else float(above.max())
     decisions["ink_contrast"] = round(ink, 3)
     if ink < max(MIN_CONTRAST, MIN_SNR * noise):
-        return _blank("digits", decisions, f"the strongest marks ({ink:.3f}) are within the noise "
-                      f"(need {max(MIN_CONTRAST, MIN_SNR * noise):.3f})", inverted)
+        need = max(MIN_CONTRAST, MIN_SNR * noise)
+        return _blank("digits", decisions, f"the strongest marks ({ink:.3f}) are fainter than the {need:.3f} needed "
+                      f"(4% of full brightness and 6 times the paper's noise)", inverted)
     level = np.clip(contrast / ink, 0.0, 1.0)
     cut = min(0.5, 3 * noise / ink)
     lines, on_lines = _ruled_lines(level, cut)
