@@ -109,63 +109,74 @@ class Upload:
         return f"field {self.field!r}" if self.field else "upload"
 
 
+class _FormParts:
+    """python-multipart's callbacks, collecting the parts of a form; counts the images as they come."""
+
+    def __init__(self, max_images: int):
+        self.max_images = max_images
+        self.parts: list[dict[str, Any]] = []
+        self.header, self.value = b"", b""
+        self.images = 0
+        self.ended = False
+
+    def callbacks(self) -> dict[str, Any]:
+        return {"on_part_begin": self.begin, "on_header_field": self.header_field,
+                "on_header_value": self.header_value, "on_header_end": self.header_end,
+                "on_part_data": self.data, "on_part_end": self.end, "on_end": self.finish}
+
+    def begin(self) -> None:
+        self.parts.append({"headers": {}, "data": []})
+
+    def header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header += data[start:end]
+
+    def header_value(self, data: bytes, start: int, end: int) -> None:
+        self.value += data[start:end]
+
+    def header_end(self) -> None:
+        self.parts[-1]["headers"][self.header.decode("latin-1").lower()] = self.value.decode("latin-1")
+        self.header, self.value = b"", b""
+
+    def data(self, data: bytes, start: int, end: int) -> None:
+        self.parts[-1]["data"].append(data[start:end])
+
+    def end(self) -> None:
+        from python_multipart.multipart import parse_options_header
+
+        part = self.parts[-1]
+        disposition = parse_options_header(part["headers"].get("content-disposition", ""))[1]
+        part["name"] = disposition.get(b"name", b"").decode("utf-8", "replace")
+        part["filename"] = disposition.get(b"filename", b"").decode("utf-8", "replace")
+        part["image"] = part["name"] not in PARAMETERS or b"filename" in disposition
+        self.images += part["image"]
+        if self.images > self.max_images:
+            raise ApiError(413, f"more than {self.max_images} images in one request (--max-images); "
+                                "send them in several requests")
+
+    def finish(self) -> None:
+        self.ended = True
+
+
 def parse_form(body: bytes, content_type: str, max_images: int) -> tuple[list[Upload], dict[str, str]]:
     """The images (every part that is not a parameter) and the parameters of a multipart form."""
     from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
 
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
     if not boundary:
         raise ApiError(400, "multipart/form-data without a boundary in its Content-Type")
-    parts: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"field": b"", "value": b"", "ended": False, "images": 0}
-
-    def on_part_begin() -> None:
-        parts.append({"headers": {}, "data": []})
-
-    def on_header_field(data: bytes, start: int, end: int) -> None:
-        state["field"] += data[start:end]
-
-    def on_header_value(data: bytes, start: int, end: int) -> None:
-        state["value"] += data[start:end]
-
-    def on_header_end() -> None:
-        parts[-1]["headers"][state["field"].decode("latin-1").lower()] = state["value"].decode("latin-1")
-        state["field"], state["value"] = b"", b""
-
-    def on_part_data(data: bytes, start: int, end: int) -> None:
-        parts[-1]["data"].append(data[start:end])
-
-    def on_part_end() -> None:
-        disposition = parse_options_header(parts[-1]["headers"].get("content-disposition", ""))[1]
-        name = disposition.get(b"name", b"").decode("utf-8", "replace")
-        parts[-1]["name"] = name
-        parts[-1]["filename"] = disposition.get(b"filename", b"").decode("utf-8", "replace")
-        if name not in PARAMETERS or b"filename" in disposition:
-            state["images"] += 1
-            if state["images"] > max_images:
-                raise ApiError(413, f"more than {max_images} images in one request (--max-images); "
-                                    "send them in several requests")
-            parts[-1]["image"] = True
-
-    def on_end() -> None:
-        state["ended"] = True
-
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_part_data": on_part_data, "on_part_end": on_part_end,
-        "on_end": on_end})
+    form = _FormParts(max_images)
+    parser = MultipartParser(boundary, form.callbacks())
     try:
         parser.write(body)
         parser.finalize()
     except MultipartParseError as exc:
         raise ApiError(400, f"malformed multipart/form-data body ({exc})") from None
-    if not state["ended"]:
+    if not form.ended:
         raise ApiError(400, "multipart/form-data body ends before its closing boundary (truncated upload?)")
     images, params = [], {}
-    for part in parts:
+    for part in form.parts:
         data = b"".join(part["data"])
-        if part.get("image"):
+        if part["image"]:
             images.append(Upload(data, part["name"], part["filename"]))
         else:
             params[part["name"]] = data.decode("utf-8", "replace").strip()
@@ -348,12 +359,76 @@ async def _read_body(request, max_upload: int) -> bytes:
     return b"".join(chunks)
 
 
+async def read_request(app: App, request) -> tuple[list[Upload], dict[str, str]]:
+    """The images of a predict request (raw bytes or a form) and its parameters, checked."""
+    if request.method != "POST":
+        raise ApiError(405, "use POST /api/predict with the image as the body or as a form's file field")
+    params = dict(request.query_params)
+    content_type = request.headers.get("content-type", "")
+    kind = content_type.split(";")[0].strip().lower()
+    data = await _read_body(request, app.max_upload)
+    if not data:
+        raise ApiError(400, "empty body: send an image (raw bytes, or a form with curl -F image=@digit.png)")
+    if kind == "multipart/form-data":
+        uploads, fields = parse_form(data, content_type, app.max_images)
+        params.update(fields)
+    elif kind.startswith("multipart/"):
+        raise ApiError(415, f"{kind} is not supported: send multipart/form-data (curl -F image=@digit.png) "
+                            "or the raw image bytes (curl --data-binary @digit.png)")
+    else:  # the raw bytes of one image, whatever the type says (curl --data-binary says a url-encoded form)
+        uploads = [Upload(data)]
+    unknown = sorted(set(params) - set(PARAMETERS))
+    if unknown:
+        raise ApiError(400, f"unknown parameter {unknown[0]!r}: use {', '.join(PARAMETERS)}")
+    top_k = params.get("top_k", "3")
+    if not top_k.isdigit() or int(top_k) < 1:
+        raise ApiError(400, f"parameter top_k={top_k!r}: use a positive integer")
+    return uploads, params
+
+
+async def handle_predict(app: App, request):
+    """POST /api/predict: the answer, or one JSON error (4xx; 500 for a bug, shown on the console)."""
+    from starlette.requests import ClientDisconnect
+    from starlette.responses import Response
+
+    try:
+        uploads, params = await read_request(app, request)
+        batch = _flag(params, "batch", False) if "batch" in params else None
+        result = await app.predict(uploads, top_k=int(params.get("top_k", "3")),
+                                   preprocess=_flag(params, "preprocess", True),
+                                   activations=_flag(params, "activations", True), batch=batch)
+        return _json(200, result)
+    except ApiError as exc:
+        return _error(exc.status, str(exc))
+    except ClientDisconnect:  # the client hung up mid-upload: nobody to answer
+        return Response(status_code=400)
+    except Exception:  # a bug: answer 500, keep serving, show the traceback on the console
+        traceback.print_exc(file=sys.stderr)
+        return _error(500, "internal error while handling the request (see the server's console)")
+
+
+async def _http_error(request, exc):
+    """Starlette's 404 and 405 as this API's JSON errors."""
+    if exc.status_code == 405:
+        message = (f"{request.method} is not supported at {request.url.path}: use GET for pages, /api/info "
+                   "and /healthz, POST for /api/predict")
+    elif exc.status_code == 404:
+        message = f"no such page: {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return _error(exc.status_code, message)
+
+
+async def _server_error(request, exc):
+    traceback.print_exception(exc, file=sys.stderr)
+    return _error(500, "internal error while handling the request (see the server's console)")
+
+
 def create_app(predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_images: int = DEFAULT_MAX_IMAGES,
                max_pixels: int = MAX_PIXELS):
     """The ASGI app (Starlette) serving ``predictor``; its :class:`App` is ``.state.lenet``."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
     from starlette.responses import Response
     from starlette.routing import Route
 
@@ -370,60 +445,13 @@ def create_app(predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD, ma
         return _json(200, app.info())
 
     async def predict(request):
-        try:
-            if request.method != "POST":
-                raise ApiError(405, "use POST /api/predict with the image as the body or as a form's file field")
-            params = dict(request.query_params)
-            content_type = request.headers.get("content-type", "")
-            kind = content_type.split(";")[0].strip().lower()
-            data = await _read_body(request, app.max_upload)
-            if not data:
-                raise ApiError(400, "empty body: send an image (raw bytes, or a form with curl -F image=@digit.png)")
-            if kind == "multipart/form-data":
-                uploads, fields = parse_form(data, content_type, app.max_images)
-                params.update(fields)
-            elif kind.startswith("multipart/"):
-                raise ApiError(415, f"{kind} is not supported: send multipart/form-data (curl -F image=@digit.png) "
-                                    "or the raw image bytes (curl --data-binary @digit.png)")
-            else:  # the raw bytes of one image, whatever the type says (curl --data-binary says a url-encoded form)
-                uploads = [Upload(data)]
-            unknown = sorted(set(params) - set(PARAMETERS))
-            if unknown:
-                raise ApiError(400, f"unknown parameter {unknown[0]!r}: use {', '.join(PARAMETERS)}")
-            top_k = params.get("top_k", "3")
-            if not top_k.isdigit() or int(top_k) < 1:
-                raise ApiError(400, f"parameter top_k={top_k!r}: use a positive integer")
-            batch = _flag(params, "batch", False) if "batch" in params else None
-            result = await app.predict(uploads, top_k=int(top_k), preprocess=_flag(params, "preprocess", True),
-                                       activations=_flag(params, "activations", True), batch=batch)
-            return _json(200, result)
-        except ApiError as exc:
-            return _error(exc.status, str(exc))
-        except ClientDisconnect:  # the client hung up mid-upload: nobody to answer
-            return Response(status_code=400)
-        except Exception:  # a bug: answer 500, keep serving, show the traceback on the console
-            traceback.print_exc(file=sys.stderr)
-            return _error(500, "internal error while handling the request (see the server's console)")
-
-    async def http_error(request, exc):
-        if exc.status_code == 405:
-            message = (f"{request.method} is not supported at {request.url.path}: use GET for pages, /api/info "
-                       "and /healthz, POST for /api/predict")
-        elif exc.status_code == 404:
-            message = f"no such page: {request.url.path}"
-        else:
-            message = str(exc.detail)
-        return _error(exc.status_code, message)
-
-    async def server_error(request, exc):
-        traceback.print_exception(exc, file=sys.stderr)
-        return _error(500, "internal error while handling the request (see the server's console)")
+        return await handle_predict(app, request)
 
     routes = [Route(path, static, methods=["GET", "HEAD"]) for path in app.static]
     routes += [Route("/healthz", healthz, methods=["GET", "HEAD"]), Route("/ping", healthz, methods=["GET", "HEAD"]),
                Route("/api/info", info, methods=["GET", "HEAD"]),
                Route("/api/predict", predict, methods=["POST", "GET", "HEAD"])]
-    starlette = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: server_error})
+    starlette = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     starlette.state.lenet = app
     return _SecurityHeaders(starlette, app)
 
