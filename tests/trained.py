@@ -26,32 +26,28 @@ FONT_NAMES = ("DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "DejaV
               "LiberationSans-Regular.ttf", "Arial.ttf", "arial.ttf")
 
 
-def mnist_run(base: Path, data) -> Path:
-    """Train the classic LeNet (ReLU, max-pool, Adam) on 30k MNIST images for 2 epochs (~98% test acc)."""
-    if "mnist" not in _RUNS:
+def _small_run(key: str, dataset: str, base: Path, data, min_acc: float) -> Path:
+    """Train the classic LeNet (ReLU, max-pool, Adam) on 30k images of ``data`` for 2 epochs, once per session."""
+    if key not in _RUNS:
         from lenet.training import TrainConfig, train
 
         subset = data.head(30000, 2000)
-        cfg = TrainConfig(model="classic", overrides={"activation": "relu", "pool": "max"}, dataset="mnist",
+        cfg = TrainConfig(model="classic", overrides={"activation": "relu", "pool": "max"}, dataset=dataset,
                           epochs=2, lr=0.002, optimizer="adam", batch_size=128, device="cpu")
-        result = train(cfg, data=subset, out=base / "mnist-run")
-        assert result.test_acc > 0.95, result.book_lines()
-        _RUNS["mnist"] = result.run_dir
-    return _RUNS["mnist"]
+        result = train(cfg, data=subset, out=base / f"{key}-run")
+        assert result.test_acc > min_acc, result.book_lines()
+        _RUNS[key] = result.run_dir
+    return _RUNS[key]
+
+
+def mnist_run(base: Path, data) -> Path:
+    """The small MNIST model (~98% test acc)."""
+    return _small_run("mnist", "mnist", base, data, 0.95)
 
 
 def fashion_run(base: Path, data) -> Path:
-    """Train the classic LeNet (ReLU, max-pool, Adam) on 30k Fashion-MNIST images for 2 epochs."""
-    if "fashion" not in _RUNS:
-        from lenet.training import TrainConfig, train
-
-        subset = data.head(30000, 2000)
-        cfg = TrainConfig(model="classic", overrides={"activation": "relu", "pool": "max"}, dataset="fashion-mnist",
-                          epochs=2, lr=0.002, optimizer="adam", batch_size=128, device="cpu")
-        result = train(cfg, data=subset, out=base / "fashion-run")
-        assert result.test_acc > 0.8, result.book_lines()
-        _RUNS["fashion"] = result.run_dir
-    return _RUNS["fashion"]
+    """The small Fashion-MNIST model."""
+    return _small_run("fashion", "fashion-mnist", base, data, 0.8)
 
 
 def fonts() -> list[str]:

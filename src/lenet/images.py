@@ -106,14 +106,20 @@ def contrasting_paper(img) -> str:
     return "white" if float((lum * alpha).sum()) / weight < 0.5 else "black"
 
 
-def to_rgb(img, paper: str = "white") -> np.ndarray:
-    """A PIL image -> float32 (H, W, 3) in [0, 1]; transparent parts become ``paper`` (white or black)."""
+def _on_paper(img, paper: str):
+    """``img`` with its transparent parts shown on white or black ``paper`` (opaque images as they are)."""
     from PIL import Image
 
-    if has_alpha(img):
-        rgba = img.convert("RGBA")
-        ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if paper == "white" else (0, 0, 0, 255))
-        img = Image.alpha_composite(ground, rgba)
+    if not has_alpha(img):
+        return img
+    rgba = img.convert("RGBA")
+    ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if paper == "white" else (0, 0, 0, 255))
+    return Image.alpha_composite(ground, rgba)
+
+
+def to_rgb(img, paper: str = "white") -> np.ndarray:
+    """A PIL image -> float32 (H, W, 3) in [0, 1]; transparent parts become ``paper`` (white or black)."""
+    img = _on_paper(img, paper)
     if img.mode.startswith("I") or img.mode == "F":  # 16/32-bit grey: to_grey knows their ranges
         grey = to_grey(img)
         return np.repeat(grey[..., None], 3, axis=2)
@@ -122,12 +128,7 @@ def to_rgb(img, paper: str = "white") -> np.ndarray:
 
 def to_grey(img, paper: str = "white") -> np.ndarray:
     """A PIL image -> float32 (H, W) in [0, 1]; transparent parts become ``paper`` (white or black)."""
-    from PIL import Image
-
-    if has_alpha(img):
-        rgba = img.convert("RGBA")
-        ground = Image.new("RGBA", rgba.size, (255, 255, 255, 255) if paper == "white" else (0, 0, 0, 255))
-        img = Image.alpha_composite(ground, rgba)
+    img = _on_paper(img, paper)
     if img.mode.startswith("I;16"):  # 16-bit grey: scale by the type's range
         return (np.asarray(img, dtype=np.float64) / 65535.0).astype(np.float32)
     if img.mode in ("I", "F"):  # 32-bit: no fixed range, stretch to [0, 1]

@@ -54,8 +54,6 @@ from ..errors import ImageError, LenetError
 from ..options import MAX_PIXELS, SERVE_MAX_IMAGES, SERVE_MAX_UPLOAD
 from ..use.predict import CorruptImageError, ImageTooLargeError, NotAnImageError, Prepared, Predictor, decode_image
 
-DEFAULT_MAX_UPLOAD = SERVE_MAX_UPLOAD
-DEFAULT_MAX_IMAGES = SERVE_MAX_IMAGES
 INLINE_BYTES = 64 * 1024  # larger uploads are decoded in a worker thread, off the event loop
 MAX_BATCH = 256  # images per forward pass
 PARAMETERS = ("top_k", "preprocess", "activations", "batch")
@@ -259,8 +257,8 @@ class Batcher:
 class App:
     """What the server does: info, and predict on uploaded images."""
 
-    def __init__(self, predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD,
-                 max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = MAX_PIXELS):
+    def __init__(self, predictor: Predictor, *, max_upload: int = SERVE_MAX_UPLOAD,
+                 max_images: int = SERVE_MAX_IMAGES, max_pixels: int = MAX_PIXELS):
         self.predictor = predictor
         self.batcher = Batcher(predictor)
         self.max_upload = max_upload
@@ -424,7 +422,7 @@ async def _server_error(request, exc):
     return _error(500, "internal error while handling the request (see the server's console)")
 
 
-def create_app(predictor: Predictor, *, max_upload: int = DEFAULT_MAX_UPLOAD, max_images: int = DEFAULT_MAX_IMAGES,
+def create_app(predictor: Predictor, *, max_upload: int = SERVE_MAX_UPLOAD, max_images: int = SERVE_MAX_IMAGES,
                max_pixels: int = MAX_PIXELS):
     """The ASGI app (Starlette) serving ``predictor``; its :class:`App` is ``.state.lenet``."""
     from starlette.applications import Starlette
@@ -537,8 +535,8 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_upload: int = DEFAULT_MAX_UPLOAD,
-                max_images: int = DEFAULT_MAX_IMAGES, max_pixels: int = MAX_PIXELS,
+def make_server(run_dir, host: str = "127.0.0.1", port: int = 8000, *, max_upload: int = SERVE_MAX_UPLOAD,
+                max_images: int = SERVE_MAX_IMAGES, max_pixels: int = MAX_PIXELS,
                 threads: int | None = 1, log_requests: bool = False, predictor: Predictor | None = None,
                 device: str = "cpu") -> LenetServer:
     """Load the run and bind the server (not yet serving: call ``serve_forever()``)."""
