@@ -105,6 +105,11 @@ class LeCunInput(nn.Module):
         x = nn.functional.pad(x, (2, 2, 2, 2), value=0.0)
         return x * (self.high - self.low) + self.low
 
+    def forward_batch_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The same for x: [C, H, W, B] (the layout of lenet's CPU kernels)."""
+        x = nn.functional.pad(x, (0, 0, 2, 2, 2, 2), value=0.0)
+        return x * (self.high - self.low) + self.low
+
 
 class PartialConv2d(nn.Module):
     """A convolution in which output map o reads only the input maps ``table[o]``.

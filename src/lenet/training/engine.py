@@ -143,10 +143,11 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
                 log: Callable[[str], None]) -> tuple[nn.Module, str]:
     """(what to call instead of ``model``, which convolutions it uses).
 
-    On the CPU, a LeNet-style ``nn.Sequential`` (conv -> sigmoid/tanh/relu -> avg/max pool blocks,
-    a flatten, linear layers, then anything) runs through :class:`lenet.kernels.ops.BatchLast`: same
-    parameters, same function, its conv blocks and dense layers computed by the batch-last
-    kernels. Anything else runs as is.
+    On the CPU, a LeNet-family ``nn.Sequential`` (conv [-> BatchNorm] -> activation -> avg/max pool
+    or subsampling blocks, a flatten or global average pool, linear layers, then anything) runs
+    through :class:`lenet.kernels.ops.BatchLast`: same parameters, same function, its conv blocks
+    and dense layers computed by the batch-last kernels. Anything else runs as is, with one line
+    saying why.
     """
     if options.fast_conv is False or device.type != "cpu":  # (--amp applies to CUDA only)
         if options.fast_conv and device.type != "cpu":
@@ -155,9 +156,9 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
     from ..kernels import ops as blconv
 
     runner, why = blconv.batch_last(model)
-    if runner is None:
-        if options.fast_conv:  # asked for explicitly: say why it is not happening
-            log(f"note: --fast-conv not used: {why}")
+    if runner is None:  # one line saying why (said as an answer to --fast-conv when that was asked for)
+        log(f"note: --fast-conv not used: {why}" if options.fast_conv else
+            f"note: PyTorch's convolutions, not lenet's CPU kernels: {why}")
         return model, PYTORCH_CONV
     return runner, BATCH_LAST_CONV
 

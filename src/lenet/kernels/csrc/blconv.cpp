@@ -101,8 +101,10 @@ static inline vec vrecip(vec d) { return 1.0f / d; }
 #endif
 
 // Activations applied as a convolution's output is stored, and their derivatives written in terms
-// of the output a (what the backward pass recomputes): sigmoid' = a(1-a), tanh' = 1-a^2, relu' = [a>0].
-enum { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3 };
+// of the output a (what the backward pass recomputes): sigmoid' = a(1-a), tanh' = 1-a^2, relu' = [a>0],
+// and LeCun's scaled tanh f(z) = A tanh(Sz) (A = 1.7159, S = 2/3): f' = S(A - a^2/A).
+enum { ACT_NONE = 0, ACT_SIGMOID = 1, ACT_TANH = 2, ACT_RELU = 3, ACT_SCALED_TANH = 4, ACT_LAST = ACT_SCALED_TANH };
+static const float TANH_A = 1.7159f, TANH_S = 2.0f / 3.0f;
 enum { POOL_NONE = 0, POOL_AVG = 1, POOL_MAX = 2 };
 
 static inline vec activate(vec z, int act) {
@@ -110,6 +112,7 @@ static inline vec activate(vec z, int act) {
         case ACT_SIGMOID: return vrecip(1.0f + vexp(-z));
         case ACT_TANH: return 2.0f * vrecip(1.0f + vexp(-2.0f * z)) - 1.0f;
         case ACT_RELU: return z < 0.0f ? splat(0.0f) : z;  // NaN stays NaN, as in PyTorch
+        case ACT_SCALED_TANH: return TANH_A * (2.0f * vrecip(1.0f + vexp((-2.0f * TANH_S) * z)) - 1.0f);
         default: return z;
     }
 }
@@ -119,6 +122,7 @@ static inline vec activation_grad(vec a, int act) {
         case ACT_SIGMOID: return a * (1.0f - a);
         case ACT_TANH: return 1.0f - a * a;
         case ACT_RELU: return a > 0.0f ? splat(1.0f) : splat(0.0f);
+        case ACT_SCALED_TANH: return TANH_S * TANH_A - (TANH_S / TANH_A) * (a * a);
         default: return splat(1.0f);
     }
 }
@@ -307,7 +311,7 @@ static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, 
             for (int x = 0; x < goff; ++x) store(gz.at(c, y, x), vec{});
             for (int x = goff + a.W; x < gz.W; ++x) store(gz.at(c, y, x), vec{});
             for (int x = 0; x < a.W; ++x) {
-                vec av = load(a.at(c, y, x));
+                vec av = act == ACT_NONE && pool != POOL_MAX ? vec{} : load(a.at(c, y, x));  // (a unused: not read)
                 vec g = vec{};
                 if (!pool) {
                     g = load(gp.at(c, y, x));
@@ -422,12 +426,12 @@ extern "C" {
 
 // The numbers the Python side must agree with, reported from here rather than written twice:
 // the lanes (examples per vector), the number of kernel sizes and the sizes, the activation codes
-// (none, sigmoid, tanh, relu) and the pooling codes (none, average, max). Writes at most n ints to out
+// (none, sigmoid, tanh, relu, scaled tanh) and the pooling codes (none, average, max). Writes at most n ints to out
 // and returns how many there are.
 int lenet_bl_constants(int* out, int n) {
     std::vector<int> c = {V, (int)std::size(KERNEL_SIZES)};
     c.insert(c.end(), std::begin(KERNEL_SIZES), std::end(KERNEL_SIZES));
-    c.insert(c.end(), {ACT_NONE, ACT_SIGMOID, ACT_TANH, ACT_RELU, POOL_NONE, POOL_AVG, POOL_MAX});
+    c.insert(c.end(), {ACT_NONE, ACT_SIGMOID, ACT_TANH, ACT_RELU, ACT_SCALED_TANH, POOL_NONE, POOL_AVG, POOL_MAX});
     std::copy(c.begin(), c.begin() + std::min<std::size_t>(n, c.size()), out);
     return (int)c.size();
 }
@@ -436,7 +440,7 @@ int lenet_bl_constants(int* out, int n) {
 int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p,
                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                            int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
 #pragma omp parallel
@@ -466,7 +470,7 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
                             const float* gp, float* gx, float* gw, float* gb,
                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                             int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_RELU || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
@@ -481,7 +485,7 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
         Map a = cmap(a_buf.data(), Cout, Ho, Wo, V), gz = cmap(gz_buf.data(), Cout, Ho, gcols, V);
         for (int b0 = lo; b0 < hi; b0 += V) {
             Map in = cmap(x + b0, Cin, Hin, Win, B);
-            conv_any(in, w, bias, a, K, pad, act);
+            if (act != ACT_NONE || pool == POOL_MAX) conv_any(in, w, bias, a, K, pad, act);  // else a is not needed
             act_pool_backward_chunk(cmap(gp + b0, Cout, Hp, Wp, B), a, gz, goff, pool, k, act);
             wgrad_any(in, gz, K, goff, pad, acc.data());
             for (int c = 0; c < Cout; ++c)
@@ -498,10 +502,83 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
     return 0;
 }
 
+// A per-channel affine map, activation and pooling on a [C][H][W][B] tensor: p = pool(act(s[c] z + t[c])).
+// With s and t from batch statistics this is BatchNorm (training mode) followed by the block's
+// activation and pooling; with running statistics, the same in evaluation mode.
+int lenet_bl_affine_forward(const float* z, const float* s, const float* t, float* p,
+                            int C, int H, int W, int B, int act, int pool, int k) {
+    if (B % V || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> scratch((std::size_t)C * H * W * V);
+        Map a = cmap(scratch.data(), C, H, W, V);
+        for (int b0 = lo; b0 < hi; b0 += V) {
+            Map in = cmap(z + b0, C, H, W, B), out = cmap(p + b0, C, Hp, Wp, B);
+            Map dst = pool ? a : out;
+            for (int c = 0; c < C; ++c) {
+                const vec sv = splat(s[c]), tv = splat(t[c]);
+                for (int y = 0; y < H; ++y)
+                    for (int x = 0; x < W; ++x) store(dst.at(c, y, x), activate(load(in.at(c, y, x)) * sv + tv, act));
+            }
+            if (pool) pool_chunk(a, out, k, pool == POOL_MAX);
+        }
+    }
+    return 0;
+}
+
+// Its backward pass, given z, s, t and gp (the gradient of p): gz = s g, gs = sum g z and
+// gt = sum g over every position and example, where g is the gradient of s z + t (the activation
+// recomputed chunk by chunk, as in the blocks).
+int lenet_bl_affine_backward(const float* z, const float* s, const float* t, const float* gp,
+                             float* gz, float* gs, float* gt, int C, int H, int W, int B, int act, int pool, int k) {
+    if (B % V || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
+    Partials part(2 * (std::size_t)C);  // gs, then gt
+#pragma omp parallel num_threads(part.T)
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<vec> acc(2 * (std::size_t)C, vec{});
+        std::vector<float> a_buf((std::size_t)C * H * W * V), g_buf((std::size_t)C * H * W * V);
+        Map a = cmap(a_buf.data(), C, H, W, V), g = cmap(g_buf.data(), C, H, W, V);
+        for (int b0 = lo; b0 < hi; b0 += V) {
+            Map in = cmap(z + b0, C, H, W, B), out = cmap(gz + b0, C, H, W, B);
+            for (int c = 0; c < C; ++c) {
+                const vec sv = splat(s[c]), tv = splat(t[c]);
+                for (int y = 0; y < H; ++y)
+                    for (int x = 0; x < W; ++x) store(a.at(c, y, x), activate(load(in.at(c, y, x)) * sv + tv, act));
+            }
+            act_pool_backward_chunk(cmap(gp + b0, C, Hp, Wp, B), a, g, 0, pool, k, act);
+            for (int c = 0; c < C; ++c) {
+                const vec sv = splat(s[c]);
+                vec sz = vec{}, sg = vec{};
+                for (int y = 0; y < H; ++y)
+                    for (int x = 0; x < W; ++x) {
+                        const vec gv = load(g.at(c, y, x));
+                        sz += gv * load(in.at(c, y, x));
+                        sg += gv;
+                        store(out.at(c, y, x), gv * sv);
+                    }
+                acc[c] += sz;
+                acc[C + c] += sg;
+            }
+        }
+        part.add_lanes(acc, 2 * (std::size_t)C);
+    }
+    std::vector<float> total(2 * (std::size_t)C);
+    part.sum_into(total.data());
+    std::copy(total.begin(), total.begin() + C, gs);
+    std::copy(total.begin() + C, total.end(), gt);
+    return 0;
+}
+
 // y = act(W x + b): x [Fin][B], Wt = W transposed [Fin][Fout], y [Fout][B].
 int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, float* y,
                            int Fin, int Fout, int B, int act) {
-    if (B % V || act < ACT_NONE || act > ACT_RELU) return -1;
+    if (B % V || act < ACT_NONE || act > ACT_LAST) return -1;
 #pragma omp parallel
     {
         int lo, hi;
@@ -518,7 +595,7 @@ int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, f
 // it would need a horizontal sum per weight over only 128 lanes per thread.
 int lenet_bl_dense_backward(const float* W, const float* y, const float* gy, float* gz,
                             float* gx, float* gb, int Fin, int Fout, int B, int act) {
-    if (B % V || act < ACT_NONE || act > ACT_RELU) return -1;
+    if (B % V || act < ACT_NONE || act > ACT_LAST) return -1;
     Partials part(Fout);
 #pragma omp parallel num_threads(part.T)
     {
