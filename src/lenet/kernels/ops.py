@@ -139,6 +139,8 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
     lib.lenet_bl_affine_backward.argtypes = ptrs * 7 + ints * 7
+    lib.lenet_bl_channel_stats.argtypes = ptrs + ints * 5 + ptrs * 2
+    lib.lenet_bl_bn_backward.argtypes = ptrs * 9 + ints * 8
     _lib = lib
     try:
         _read_constants(lib)
@@ -359,6 +361,47 @@ class AffineBlock(torch.autograd.Function):
         return grad_z, grad_s, grad_t, None, None, None
 
 
+def channel_stats(z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of z: [C, H, W, B] over its first n lanes, one pass."""
+    z = z.contiguous()
+    c, h, w, b = z.shape
+    mean, var = torch.empty(c, dtype=torch.float64), torch.empty(c, dtype=torch.float64)
+    _check(_need_lib().lenet_bl_channel_stats(_ptr(z), c, h, w, b, n, _ptr(mean), _ptr(var)), "channel statistics",
+           z.shape)
+    return mean.float(), var.float()
+
+
+class BatchNormBlock(torch.autograd.Function):
+    """pool(act(BatchNorm(z))) in training mode, for z: [C, H, W, B] whose first n lanes are the
+    batch: the normalisation by the batch's mean and rstd = 1/sqrt(var + eps) (from
+    :func:`channel_stats`), BatchNorm's affine weight and bias, the activation and the pooling in
+    one kernel call forward, and backward one call that also carries the gradient through the
+    batch statistics (two passes over the batch, the activation recomputed in each)."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias, mean, rstd, n: int, act: int, pool: int, k: int):
+        gamma = weight.detach() if weight is not None else torch.ones_like(mean)
+        beta = bias.detach() if bias is not None else torch.zeros_like(mean)
+        scale = (gamma * rstd).contiguous()
+        shift = (beta - mean * scale).contiguous()
+        out = AffineBlock.forward(ctx, z, scale, shift, act, pool, k)  # saves z, scale, shift and the codes
+        ctx.stats, ctx.n = (mean.contiguous(), rstd.contiguous()), n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, s, t = ctx.saved_tensors
+        (mean, rstd), (act, pool, k) = ctx.stats, ctx.conf
+        c, h, w, b = z.shape
+        grad = grad.contiguous()
+        grad_z, grad_gamma, grad_beta = torch.empty_like(z), torch.empty(c), torch.empty(c)
+        _check(_need_lib().lenet_bl_bn_backward(_ptr(z), _ptr(s), _ptr(t), _ptr(mean), _ptr(rstd), _ptr(grad),
+                                                _ptr(grad_z), _ptr(grad_gamma), _ptr(grad_beta), c, h, w, b, ctx.n,
+                                                act, pool, k), "batch norm backward", z.shape, grad.shape)
+        need = ctx.needs_input_grad
+        return (grad_z, grad_gamma if need[1] else None, grad_beta if need[2] else None) + (None,) * 6
+
+
 # --------------------------------------------------------------------------------------------
 # Running a model in the batch-last layout: a plan of stages
 #
@@ -398,42 +441,34 @@ class _Conv:
 
 
 class _ConvNorm(_Conv):
-    """pool(act(BatchNorm(conv(h)))): the convolution alone, then the normalisation as a per-channel
-    scale and shift fused with the activation and pooling (:class:`AffineBlock`)."""
+    """pool(act(BatchNorm(conv(h)))): the convolution alone, then the normalisation fused with the
+    activation and pooling: :class:`BatchNormBlock` with the batch's statistics (training), or
+    :class:`AffineBlock` with the running ones (evaluation)."""
 
     def __init__(self, conv: nn.Module, norm: nn.BatchNorm2d, act: int, pool: int, k: int):
         super().__init__(conv, constants().act_none, constants().pool_none, 1)
         self.norm, self.after = norm, (act, pool, k)
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        z = super().__call__(h, n)
-        scale, shift = batch_norm_affine(self.norm, z, n)
+        z, bn = super().__call__(h, n), self.norm
+        if bn.training or bn.running_mean is None:
+            mean, var = channel_stats(z, n)
+            if bn.training and bn.running_mean is not None:
+                _update_running_stats(bn, mean, var, n * z.shape[1] * z.shape[2])
+            return BatchNormBlock.apply(z, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n, *self.after)
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        scale = scale * bn.weight if bn.weight is not None else scale
+        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
         return AffineBlock.apply(z, scale, shift, *self.after)
 
 
-def batch_norm_affine(bn: nn.BatchNorm2d, z: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, shift) per channel such that scale * z + shift is ``bn(z)`` for z: [C, H, W, B] whose
-    first n lanes are the batch, with ``bn``'s running statistics updated as PyTorch updates them."""
-    batch_stats = bn.training or bn.running_mean is None
-    if batch_stats:
-        real = z[..., :n]  # the padded lanes are not examples
-        var, mean = torch.var_mean(real, dim=(1, 2, 3), correction=0)
-        if bn.training and bn.running_mean is not None:
-            with torch.no_grad():
-                bn.num_batches_tracked += 1
-                m = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
-                count = real[0].numel()
-                bn.running_mean.lerp_(mean, m)
-                bn.running_var.lerp_(var * (count / max(count - 1, 1)), m)
-    else:
-        mean, var = bn.running_mean, bn.running_var
-    scale = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight
-    shift = -mean * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias
-    return scale, shift
+@torch.no_grad()
+def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """What BatchNorm2d does in training mode: running averages of the mean and the unbiased variance."""
+    bn.num_batches_tracked += 1
+    m = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
+    bn.running_mean.lerp_(mean, m)
+    bn.running_var.lerp_(var * (count / max(count - 1, 1)), m)
 
 
 class _SubsamplingScale:
@@ -642,4 +677,4 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
     return BatchLast(model, stages, i), ""
 
 
-__all__ = ["AffineBlock", "BatchLast", "Constants", "ConvBlock", "DenseBlock", "batch_last", "constants", "library", "problem"]
+__all__ = ["AffineBlock", "BatchLast", "BatchNormBlock", "Constants", "ConvBlock", "DenseBlock", "batch_last", "constants", "library", "problem"]

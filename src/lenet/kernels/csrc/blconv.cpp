@@ -575,6 +575,129 @@ int lenet_bl_affine_backward(const float* z, const float* s, const float* t, con
     return 0;
 }
 
+// ---- BatchNorm in training mode over the first n lanes (the batch; the rest are padding) -------
+
+// Lanes b0 .. b0+15 that are examples (b0 + l < n): 1, else 0.
+static inline vec lane_mask(int b0, int n) {
+    vec m;
+    for (int l = 0; l < V; ++l) m[l] = b0 + l < n ? 1.0f : 0.0f;
+    return m;
+}
+
+// Per-channel mean and variance (biased, as BatchNorm normalises) of z [C][H][W][B] over every
+// position and the first n lanes: sums in float per chunk, then in double.
+int lenet_bl_channel_stats(const float* z, int C, int H, int W, int B, int n, double* mean, double* var) {
+    if (B % V || n < 1 || n > B) return -1;
+    std::vector<double> sums(2 * (std::size_t)C, 0.0);
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<double> mine(2 * (std::size_t)C, 0.0);
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {
+            const vec m = lane_mask(b0, n);
+            Map in = cmap(z + b0, C, H, W, B);
+            for (int c = 0; c < C; ++c) {
+                vec s1 = vec{}, s2 = vec{};
+                for (int y = 0; y < H; ++y)
+                    for (int x = 0; x < W; ++x) {
+                        const vec v = load(in.at(c, y, x)) * m;
+                        s1 += v;
+                        s2 += v * v;
+                    }
+                for (int l = 0; l < V; ++l) {
+                    mine[2 * c] += s1[l];
+                    mine[2 * c + 1] += s2[l];
+                }
+            }
+        }
+#pragma omp critical
+        for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
+    }
+    const double count = (double)n * H * W;
+    for (int c = 0; c < C; ++c) {
+        mean[c] = sums[2 * c] / count;
+        var[c] = std::max(0.0, sums[2 * c + 1] / count - mean[c] * mean[c]);
+    }
+    return 0;
+}
+
+// The backward pass of p = pool(act(BatchNorm(z))) in training mode, where BatchNorm(z) = s z + t
+// with s = gamma * rstd, t = beta - mean * s from the batch's own mean and rstd = 1/sqrt(var + eps).
+// Two passes over the batch, each recomputing the activation chunk by chunk: the first sums
+// g (the gradient of s z + t) and g z per channel, which give the gradients of gamma and beta and
+// the two per-channel coefficients through which the batch statistics pass the gradient on; the
+// second writes gz = s g + A[c] + Bz[c] z (zero in the padded lanes).
+static void bn_grad_chunk(const Map& in, const Map& gpm, const float* s, const float* t, const Map& a, const Map& g,
+                          int pool, int k, int act) {
+    for (int c = 0; c < in.C; ++c) {
+        const vec sv = splat(s[c]), tv = splat(t[c]);
+        for (int y = 0; y < in.H; ++y)
+            for (int x = 0; x < in.W; ++x) store(a.at(c, y, x), activate(load(in.at(c, y, x)) * sv + tv, act));
+    }
+    act_pool_backward_chunk(gpm, a, g, 0, pool, k, act);
+}
+
+int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const float* mean, const float* rstd,
+                         const float* gp, float* gz, float* ggamma, float* gbeta,
+                         int C, int H, int W, int B, int n, int act, int pool, int k) {
+    if (B % V || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
+    std::vector<double> sums(2 * (std::size_t)C, 0.0), A(C), Bz(C);  // sum g, sum g z; then the coefficients
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> a_buf((std::size_t)C * H * W * V), g_buf((std::size_t)C * H * W * V);
+        Map a = cmap(a_buf.data(), C, H, W, V), g = cmap(g_buf.data(), C, H, W, V);
+        std::vector<double> mine(2 * (std::size_t)C, 0.0);
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {  // pass 1 (padded lanes have gp = 0, so g = 0)
+            Map in = cmap(z + b0, C, H, W, B);
+            bn_grad_chunk(in, cmap(gp + b0, C, Hp, Wp, B), s, t, a, g, pool, k, act);
+            for (int c = 0; c < C; ++c) {
+                vec sg = vec{}, sgz = vec{};
+                for (int y = 0; y < H; ++y)
+                    for (int x = 0; x < W; ++x) {
+                        const vec gv = load(g.at(c, y, x));
+                        sg += gv;
+                        sgz += gv * load(in.at(c, y, x));
+                    }
+                for (int l = 0; l < V; ++l) {
+                    mine[2 * c] += sg[l];
+                    mine[2 * c + 1] += sgz[l];
+                }
+            }
+        }
+#pragma omp critical
+        for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
+#pragma omp barrier
+#pragma omp single
+        {
+            const double count = (double)n * H * W;
+            for (int c = 0; c < C; ++c) {
+                const double sg = sums[2 * c], dgamma = rstd[c] * (sums[2 * c + 1] - mean[c] * sg);
+                gbeta[c] = (float)sg;
+                ggamma[c] = (float)dgamma;
+                Bz[c] = -(double)s[c] * rstd[c] * dgamma / count;
+                A[c] = -(double)s[c] * sg / count - Bz[c] * mean[c];
+            }
+        }  // (an implicit barrier: every thread sees the coefficients)
+        for (int b0 = lo; b0 < hi; b0 += V) {  // pass 2
+            Map in = cmap(z + b0, C, H, W, B), out = cmap(gz + b0, C, H, W, B);
+            const vec m = lane_mask(b0, n);
+            if (b0 < n) bn_grad_chunk(in, cmap(gp + b0, C, Hp, Wp, B), s, t, a, g, pool, k, act);
+            for (int c = 0; c < C; ++c) {
+                const vec sv = splat(s[c]), av = splat((float)A[c]), bv = splat((float)Bz[c]);
+                for (int y = 0; y < H; ++y)
+                    for (int x = 0; x < W; ++x)
+                        store(out.at(c, y, x), b0 < n ? (load(g.at(c, y, x)) * sv + av + bv * load(in.at(c, y, x))) * m
+                                                      : vec{});
+            }
+        }
+    }
+    return 0;
+}
+
 // y = act(W x + b): x [Fin][B], Wt = W transposed [Fin][Fout], y [Fout][B].
 int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, float* y,
                            int Fin, int Fout, int B, int act) {
