@@ -211,13 +211,17 @@ def test_the_family_runs_on_the_kernels_and_equals_pytorch(name, overrides, trai
 
 @needs_kernels
 def test_batch_norm_with_cumulative_average_and_without_running_statistics():
-    for norm in (nn.BatchNorm2d(4, momentum=None), nn.BatchNorm2d(4, track_running_stats=False),
-                 nn.BatchNorm2d(4, affine=False)):
+    """And odd maps (29 -> 27 -> pooled to 13: the floor's last row and column get no gradient
+    through the pool, but do through the batch statistics)."""
+    for norm, act, pool in ((nn.BatchNorm2d(4, momentum=None), nn.ReLU(), nn.MaxPool2d(2)),
+                            (nn.BatchNorm2d(4, track_running_stats=False), nn.Tanh(), nn.AvgPool2d(2)),
+                            (nn.BatchNorm2d(4, affine=False), nn.Sigmoid(), nn.MaxPool2d(3))):
         torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), norm, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                              nn.Linear(4 * 13 * 13, 3))
+        size = 27 // pool.kernel_size
+        model = nn.Sequential(nn.Conv2d(1, 4, 3, bias=False), norm, act, pool, nn.Flatten(),
+                              nn.Linear(4 * size * size, 3))
         for _ in range(2):  # the second step checks the running averages' update from non-initial values
-            _model_and_runner_agree(model, torch.rand(21, 1, 28, 28), True)
+            _model_and_runner_agree(model, torch.rand(21, 1, 29, 29), True)
             model.zero_grad()
 
 

@@ -115,6 +115,13 @@ def add_train(sub) -> argparse.ArgumentParser:
                    help="default: the preset's recipe, else 0")
     p.add_argument("--schedule", default=None, choices=list(SCHEDULES),
                    help=f"{_choices(SCHEDULES)}. Default: the preset's recipe, else constant")
+    p.add_argument("--shift", type=_typed("seed"), default=None, metavar="PIXELS",
+                   help="augment: move each training image by up to PIXELS in each direction (default: the "
+                        "preset's recipe, else 0)")
+    p.add_argument("--flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="augment: mirror half the training images left-right (default: the preset's recipe, else off)")
+    p.add_argument("--label-smoothing", type=_typed("unit", float), default=None, metavar="EPS",
+                   help="cross-entropy's label smoothing (default: the preset's recipe, else 0)")
     p.add_argument("--seed", type=_typed("seed"), default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<date>-<time>-<model>-<dataset>)")
@@ -170,7 +177,8 @@ def cmd_train(args) -> int:
             raise ConfigError(f"--num-classes {args.num_classes} contradicts --set num_classes="
                              f"{overrides['num_classes']}: give one of them")
         overrides["num_classes"] = str(args.num_classes)
-    recipe_flags = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule")
+    recipe_flags = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "shift", "flip",
+                    "label_smoothing")
     given = {k: getattr(args, k) for k in recipe_flags if getattr(args, k) is not None}
     cfg = TrainConfig.for_model(args.model, overrides=overrides, dataset=args.dataset,
                                 data_root=args.data_root, test_fraction=args.test_fraction,

@@ -46,10 +46,11 @@ DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 
 # field -> rule. Rules: "count" (an integer >= 1), "seed" (an integer >= 0), "positive" (a finite
 # number > 0), "nonneg" (a finite number >= 0), "unit" (a number in [0, 1)), "fraction" (a number
-# strictly between 0 and 1), or a vocabulary.
+# strictly between 0 and 1), "switch" (True or False), or a vocabulary.
 RULES: dict[str, Any] = {
     "epochs": "count", "batch_size": "count", "eval_batch_size": "count", "curve_points": "count",
     "lr": "positive", "momentum": "unit", "weight_decay": "nonneg", "seed": "seed", "test_fraction": "fraction",
+    "shift": "seed", "flip": "switch", "label_smoothing": "unit",
     "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "compile_mode": COMPILE_MODES, "amp": PRECISIONS,
 }
 
@@ -58,6 +59,8 @@ def problem(rule: Any, value: Any) -> str | None:
     """What is wrong with ``value`` under ``rule`` (a sentence fragment), or None if it is fine."""
     if isinstance(rule, dict):
         return None if value in rule else f"choose one of {', '.join(rule)}"
+    if rule == "switch":
+        return None if isinstance(value, bool) else "must be true or false"
     if rule in ("count", "seed"):
         low = 1 if rule == "count" else 0
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -97,6 +100,9 @@ class TrainConfig:
     momentum: float = 0.9  # used by "momentum" only
     weight_decay: float = 0.0
     schedule: str = "constant"
+    shift: int = 0  # augmentation: random translations by up to this many pixels (lenet.training.augment)
+    flip: bool = False  # augmentation: random left-right mirror images
+    label_smoothing: float = 0.0  # cross-entropy's target smoothing (models with their own loss refuse it)
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 512  # small batches stay in the CPU caches: ~3x faster than 2048 here

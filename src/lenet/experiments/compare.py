@@ -60,7 +60,8 @@ MARKER = "compare.json"
 # The keys of a spec: a variant's recipe is a TrainConfig (these fields of it, with the same
 # checks as `lenet train`'s flags), plus its model settings (`set`) and what only a spec has.
 TRAIN_KEYS = ("model", "dataset", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "schedule",
-              "test_fraction")
+              "test_fraction", "shift", "flip", "label_smoothing")
+AUGMENT_KEYS = ("shift", "flip", "label_smoothing")  # recorded in a run's settings when not off
 SPEC_KEYS: dict[str, tuple[str, Any]] = {  # key -> (kind, default)
     "description": ("text", ""),
     "set": ("table", {}),
@@ -98,6 +99,7 @@ class Variant:
                 "batch_size": c.batch_size, "optimizer": c.optimizer, "momentum": c.momentum,
                 "weight_decay": c.weight_decay, "schedule": c.schedule, "seed": seed,
                 **({"test_fraction": c.test_fraction} if not _builtin(c.dataset) else {}),
+                **{key: getattr(c, key) for key in AUGMENT_KEYS if getattr(c, key)},
                 "train_limit": self.train_limit, "test_limit": self.test_limit}
 
     def train_config(self, seed: int, data_root: str | None, device: str = "auto") -> TrainConfig:
@@ -126,6 +128,8 @@ def _check_train_value(key: str, value: Any) -> tuple[Any, str | None]:
     default = getattr(_DEFAULTS, key)
     if isinstance(default, str):
         return value, None if isinstance(value, str) and value else "expected a string"
+    if isinstance(default, bool):
+        return value, problem(RULES[key], value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return value, "expected an integer" if isinstance(default, int) else "expected a number"
     if isinstance(default, float):

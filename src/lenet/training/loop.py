@@ -17,6 +17,7 @@ accuracy is measured after the epoch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -39,6 +40,7 @@ from ..errors import CheckpointError, ConfigError, Interrupted, TrainingDiverged
 from ..models import config_to_dict, get_entry, param_count, resolve_config
 from ..options import TrainConfig, resolve_device
 from . import distributed, runs
+from .augment import augment
 from ..inspect.live import live_plot
 from .engine import EngineOptions, Evaluator, TrainStep, configure_threads
 from .optim import make_optimizer, make_schedule
@@ -47,9 +49,18 @@ from .state import EpochMetrics, TrainState
 Log = Callable[[str], None]
 
 
-def model_criterion(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The loss to train ``model`` with: its own ``criterion`` if it has one, else cross-entropy."""
-    return getattr(model, "criterion", None) or nn.functional.cross_entropy
+def model_criterion(model: nn.Module, label_smoothing: float = 0.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss to train ``model`` with: its own ``criterion`` if it has one, else cross-entropy
+    (with ``label_smoothing``, which a model's own loss does not take)."""
+    own = getattr(model, "criterion", None)
+    if own is not None:
+        if label_smoothing:
+            raise ConfigError(f"--label-smoothing {label_smoothing}: this model trains with its own loss "
+                              f"({type(model).__name__}.criterion), which has no label smoothing; drop the flag")
+        return own
+    if label_smoothing:
+        return functools.partial(nn.functional.cross_entropy, label_smoothing=label_smoothing)
+    return nn.functional.cross_entropy
 
 
 @dataclass
@@ -260,7 +271,7 @@ def train_epoch(run: Run, epoch: int, bar: "Progress") -> tuple[float, float, in
     for i in range(run.steps):
         idx = distributed.shard(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], run.world)
         y = run.train_y[idx]
-        loss, batch_correct = run.step(run.train_x[idx], y)
+        loss, batch_correct = run.step(augment(run.train_x[idx], cfg.shift, cfg.flip), y)
         loss_sum += loss * y.shape[0]
         correct += batch_correct
         count += y.shape[0]
@@ -386,7 +397,7 @@ def _engine(cfg: TrainConfig, state: TrainState, world: distributed.World, devic
             log("note: --fast-conv is not used under torchrun: DistributedDataParallel trains the model itself")
         fast_conv = False
     options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp, fast_conv)
-    step = TrainStep(distributed.wrap(state.model, device, world), model_criterion(state.model),
+    step = TrainStep(distributed.wrap(state.model, device, world), model_criterion(state.model, cfg.label_smoothing),
                      state.optimizer, state.scheduler, device, options, log=log)
     return step, Evaluator(state.model, device, options, batch_size=cfg.eval_batch_size, log=log)
 

@@ -422,6 +422,107 @@ struct Partials {
     }
 };
 
+// ---- BatchNorm in training mode over the first n lanes (the batch; the rest are padding) -------
+
+// Lanes b0 .. b0+15 that are examples (b0 + l < n): 1, else 0.
+static inline vec lane_mask(int b0, int n) {
+    vec m;
+    for (int l = 0; l < V; ++l) m[l] = b0 + l < n ? 1.0f : 0.0f;
+    return m;
+}
+
+// The backward pass of p = pool(act(BatchNorm(z))) in training mode, where BatchNorm(z) = s z + t
+// with s = gamma * rstd, t = beta - mean * s from the batch's own mean and rstd = 1/sqrt(var + eps).
+// Two passes over the batch, window by window (a k x k pooling window, or one position without
+// pooling), the activation recomputed in each: the first sums g (the gradient of s z + t) and g z
+// per channel, which give the gradients of gamma and beta and the two per-channel coefficients
+// through which the batch statistics pass the gradient on; the second writes
+// gz = s g + A[c] + Bz[c] z (zero in the padded lanes). Max pooling sends a window's gradient to
+// its first maximum in row-major order, as PyTorch does; cells no window covers get g = 0.
+struct BnChannel {
+    vec s, t, A, Bz, mask;
+};
+
+// Pass 1 (WRITE false): add g and g z of one window to sg, sgz. Pass 2: write gz there. The
+// activation, pooling and window size are template arguments: every loop below unrolls and the
+// window's values stay in registers.
+template <bool WRITE, int ACT, int POOL, int K>
+static inline void bn_window(const Map& in, const Map& gpm, const Map& out, const BnChannel& ch, int c, int y0, int x0,
+                             int i, int j, vec& sg, vec& sgz) {
+    constexpr int KK = POOL ? K : 1;
+    vec zv[KK][KK], a[KK][KK];
+    for (int dy = 0; dy < KK; ++dy)
+        for (int dx = 0; dx < KK; ++dx) {
+            zv[dy][dx] = load(in.at(c, y0 + dy, x0 + dx));
+            a[dy][dx] = activate(zv[dy][dx] * ch.s + ch.t, ACT);
+        }
+    const vec gpv = load(gpm.at(c, i, j)) * (POOL == POOL_AVG ? 1.0f / (K * K) : 1.0f);
+    vec m = a[0][0];
+    if (POOL == POOL_MAX)
+        for (int dy = 0; dy < KK; ++dy)
+            for (int dx = 0; dx < KK; ++dx) m = (a[dy][dx] > m) | (a[dy][dx] != a[dy][dx]) ? a[dy][dx] : m;
+    ivec taken = ivec{};
+    for (int dy = 0; dy < KK; ++dy)
+        for (int dx = 0; dx < KK; ++dx) {
+            vec g = gpv * activation_grad(a[dy][dx], ACT);
+            if (POOL == POOL_MAX) {
+                const ivec first = (a[dy][dx] == m) & ~taken;
+                taken |= first;
+                g = first ? g : vec{};
+            }
+            if (WRITE) {
+                store(out.at(c, y0 + dy, x0 + dx), (g * ch.s + ch.A + ch.Bz * zv[dy][dx]) * ch.mask);
+            } else {
+                sg += g;
+                sgz += g * zv[dy][dx];
+            }
+        }
+}
+
+// One chunk, every window of every channel; cells outside the windows (pooling's floor) have g = 0.
+template <bool WRITE, int ACT, int POOL, int K>
+static void bn_chunk_t(const Map& in, const Map& gpm, const Map& out, const std::vector<BnChannel>& chs, vec* sums) {
+    constexpr int KK = POOL ? K : 1;
+    const int Hp = in.H / KK, Wp = in.W / KK;
+    for (int c = 0; c < in.C; ++c) {
+        vec sg = vec{}, sgz = vec{};
+        for (int i = 0; i < Hp; ++i)
+            for (int j = 0; j < Wp; ++j) bn_window<WRITE, ACT, POOL, K>(in, gpm, out, chs[c], c, i * KK, j * KK, i, j, sg, sgz);
+        if (WRITE)  // the floor's cells: g = 0
+            for (int y = 0; y < in.H; ++y)
+                for (int x = (y < Hp * KK ? Wp * KK : 0); x < in.W; ++x)
+                    store(out.at(c, y, x), (chs[c].A + chs[c].Bz * load(in.at(c, y, x))) * chs[c].mask);
+        if (!WRITE) {
+            sums[2 * c] += sg;
+            sums[2 * c + 1] += sgz;
+        }
+    }
+}
+
+template <bool WRITE, int ACT>
+static void bn_chunk_pool(const Map& in, const Map& gpm, const Map& out, const std::vector<BnChannel>& chs,
+                          int pool, int k, vec* sums) {
+    if (pool == POOL_NONE) return bn_chunk_t<WRITE, ACT, POOL_NONE, 1>(in, gpm, out, chs, sums);
+    if (pool == POOL_MAX) {
+        if (k == 2) return bn_chunk_t<WRITE, ACT, POOL_MAX, 2>(in, gpm, out, chs, sums);
+        return bn_chunk_t<WRITE, ACT, POOL_MAX, 3>(in, gpm, out, chs, sums);
+    }
+    if (k == 2) return bn_chunk_t<WRITE, ACT, POOL_AVG, 2>(in, gpm, out, chs, sums);
+    return bn_chunk_t<WRITE, ACT, POOL_AVG, 3>(in, gpm, out, chs, sums);
+}
+
+template <bool WRITE>
+static void bn_chunk(const Map& in, const Map& gpm, const Map& out, const std::vector<BnChannel>& chs, int pool,
+                     int k, int act, vec* sums) {
+    switch (act) {
+        case ACT_SIGMOID: return bn_chunk_pool<WRITE, ACT_SIGMOID>(in, gpm, out, chs, pool, k, sums);
+        case ACT_TANH: return bn_chunk_pool<WRITE, ACT_TANH>(in, gpm, out, chs, pool, k, sums);
+        case ACT_RELU: return bn_chunk_pool<WRITE, ACT_RELU>(in, gpm, out, chs, pool, k, sums);
+        case ACT_SCALED_TANH: return bn_chunk_pool<WRITE, ACT_SCALED_TANH>(in, gpm, out, chs, pool, k, sums);
+        default: return bn_chunk_pool<WRITE, ACT_NONE>(in, gpm, out, chs, pool, k, sums);
+    }
+}
+
 extern "C" {
 
 // The numbers the Python side must agree with, reported from here rather than written twice:
@@ -575,15 +676,6 @@ int lenet_bl_affine_backward(const float* z, const float* s, const float* t, con
     return 0;
 }
 
-// ---- BatchNorm in training mode over the first n lanes (the batch; the rest are padding) -------
-
-// Lanes b0 .. b0+15 that are examples (b0 + l < n): 1, else 0.
-static inline vec lane_mask(int b0, int n) {
-    vec m;
-    for (int l = 0; l < V; ++l) m[l] = b0 + l < n ? 1.0f : 0.0f;
-    return m;
-}
-
 // Per-channel mean and variance (biased, as BatchNorm normalises) of z [C][H][W][B] over every
 // position and the first n lanes: sums in float per chunk, then in double.
 int lenet_bl_channel_stats(const float* z, int C, int H, int W, int B, int n, double* mean, double* var) {
@@ -622,77 +714,45 @@ int lenet_bl_channel_stats(const float* z, int C, int H, int W, int B, int n, do
     return 0;
 }
 
-// The backward pass of p = pool(act(BatchNorm(z))) in training mode, where BatchNorm(z) = s z + t
-// with s = gamma * rstd, t = beta - mean * s from the batch's own mean and rstd = 1/sqrt(var + eps).
-// Two passes over the batch, each recomputing the activation chunk by chunk: the first sums
-// g (the gradient of s z + t) and g z per channel, which give the gradients of gamma and beta and
-// the two per-channel coefficients through which the batch statistics pass the gradient on; the
-// second writes gz = s g + A[c] + Bz[c] z (zero in the padded lanes).
-static void bn_grad_chunk(const Map& in, const Map& gpm, const float* s, const float* t, const Map& a, const Map& g,
-                          int pool, int k, int act) {
-    for (int c = 0; c < in.C; ++c) {
-        const vec sv = splat(s[c]), tv = splat(t[c]);
-        for (int y = 0; y < in.H; ++y)
-            for (int x = 0; x < in.W; ++x) store(a.at(c, y, x), activate(load(in.at(c, y, x)) * sv + tv, act));
-    }
-    act_pool_backward_chunk(gpm, a, g, 0, pool, k, act);
-}
-
+// The backward pass of BatchNorm + activation + pooling: see bn_window above.
 int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const float* mean, const float* rstd,
                          const float* gp, float* gz, float* ggamma, float* gbeta,
                          int C, int H, int W, int B, int n, int act, int pool, int k) {
-    if (B % V || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
+        || (pool && k > 3)) return -1;  // windows of 2 or 3 compiled in
     const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
-    std::vector<double> sums(2 * (std::size_t)C, 0.0), A(C), Bz(C);  // sum g, sum g z; then the coefficients
+    std::vector<double> sums(2 * (std::size_t)C, 0.0);  // sum g, sum g z
+    std::vector<BnChannel> chs(C);
+    for (int c = 0; c < C; ++c) chs[c] = BnChannel{splat(s[c]), splat(t[c]), vec{}, vec{}, vec{}};
 #pragma omp parallel
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        std::vector<float> a_buf((std::size_t)C * H * W * V), g_buf((std::size_t)C * H * W * V);
-        Map a = cmap(a_buf.data(), C, H, W, V), g = cmap(g_buf.data(), C, H, W, V);
-        std::vector<double> mine(2 * (std::size_t)C, 0.0);
-        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {  // pass 1 (padded lanes have gp = 0, so g = 0)
-            Map in = cmap(z + b0, C, H, W, B);
-            bn_grad_chunk(in, cmap(gp + b0, C, Hp, Wp, B), s, t, a, g, pool, k, act);
-            for (int c = 0; c < C; ++c) {
-                vec sg = vec{}, sgz = vec{};
-                for (int y = 0; y < H; ++y)
-                    for (int x = 0; x < W; ++x) {
-                        const vec gv = load(g.at(c, y, x));
-                        sg += gv;
-                        sgz += gv * load(in.at(c, y, x));
-                    }
-                for (int l = 0; l < V; ++l) {
-                    mine[2 * c] += sg[l];
-                    mine[2 * c + 1] += sgz[l];
-                }
-            }
-        }
+        std::vector<vec> mine(2 * (std::size_t)C, vec{});
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V)  // pass 1 (padded lanes have gp = 0, so g = 0)
+            bn_chunk<false>(cmap(z + b0, C, H, W, B), cmap(gp + b0, C, Hp, Wp, B), Map{}, chs, pool, k, act, mine.data());
 #pragma omp critical
-        for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
+        for (std::size_t i = 0; i < sums.size(); ++i)
+            for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
 #pragma omp barrier
 #pragma omp single
         {
             const double count = (double)n * H * W;
             for (int c = 0; c < C; ++c) {
                 const double sg = sums[2 * c], dgamma = rstd[c] * (sums[2 * c + 1] - mean[c] * sg);
+                const double bz = -(double)s[c] * rstd[c] * dgamma / count;
                 gbeta[c] = (float)sg;
                 ggamma[c] = (float)dgamma;
-                Bz[c] = -(double)s[c] * rstd[c] * dgamma / count;
-                A[c] = -(double)s[c] * sg / count - Bz[c] * mean[c];
+                chs[c].Bz = splat((float)bz);
+                chs[c].A = splat((float)(-(double)s[c] * sg / count - bz * mean[c]));
             }
         }  // (an implicit barrier: every thread sees the coefficients)
+        std::vector<BnChannel> mine_chs(chs);
         for (int b0 = lo; b0 < hi; b0 += V) {  // pass 2
-            Map in = cmap(z + b0, C, H, W, B), out = cmap(gz + b0, C, H, W, B);
             const vec m = lane_mask(b0, n);
-            if (b0 < n) bn_grad_chunk(in, cmap(gp + b0, C, Hp, Wp, B), s, t, a, g, pool, k, act);
-            for (int c = 0; c < C; ++c) {
-                const vec sv = splat(s[c]), av = splat((float)A[c]), bv = splat((float)Bz[c]);
-                for (int y = 0; y < H; ++y)
-                    for (int x = 0; x < W; ++x)
-                        store(out.at(c, y, x), b0 < n ? (load(g.at(c, y, x)) * sv + av + bv * load(in.at(c, y, x))) * m
-                                                      : vec{});
-            }
+            for (auto& ch : mine_chs) ch.mask = m;
+            bn_chunk<true>(cmap(z + b0, C, H, W, B), cmap(gp + b0, C, Hp, Wp, B), cmap(gz + b0, C, H, W, B), mine_chs,
+                           pool, k, act, nullptr);
         }
     }
     return 0;

@@ -1,0 +1,38 @@
+"""Data augmentation computed in the training step, on the uint8 batch, from torch's global RNG.
+
+Two transformations, each drawn afresh for every example of every batch:
+
+* ``shift``: a random translation by up to ``shift`` pixels in each direction (the picture moves
+  over a zero background: the dataset's background, as uint8 0). This is a random crop of the
+  picture padded by ``shift`` on every side, the usual "random crop" of CIFAR-style training;
+* ``flip``: a mirror image (left-right) for half of the examples. It suits clothes (a left shoe
+  mirrored is a right shoe) and not digits (a mirrored 2 is no digit).
+
+The draws come from torch's global RNG, which every checkpoint saves: a resumed run draws the
+same augmentations as the uninterrupted one. Evaluation never augments.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+
+def augment(x: torch.Tensor, shift: int = 0, flip: bool = False) -> torch.Tensor:
+    """x: a batch of images (N, H, W) or (N, C, H, W); returns the augmented batch (``x`` itself
+    when ``shift`` is 0 and ``flip`` is off). One gather does both: output pixel (r, c) of example
+    i reads pixel (r + dy_i, c' + dx_i) of the picture padded by ``shift``, where c' = c, or
+    W - 1 - c for a mirrored example."""
+    if not shift and not flip:
+        return x
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    grid = F.pad(x.reshape(n, -1, h, w), (shift, shift, shift, shift))  # [N, C, H + 2s, W + 2s]
+    wide, dev = w + 2 * shift, x.device
+    dy = torch.randint(0, 2 * shift + 1, (n, 1, 1), device=dev)
+    dx = torch.randint(0, 2 * shift + 1, (n, 1, 1), device=dev)
+    cols = torch.arange(w, device=dev).view(1, 1, w)
+    if flip:
+        cols = torch.where(torch.rand(n, 1, 1, device=dev) < 0.5, w - 1 - cols, cols)
+    rows = torch.arange(h, device=dev).view(1, h, 1)
+    index = ((rows + dy) * wide + cols + dx).reshape(n, 1, h * w).expand(n, grid.shape[1], h * w)
+    return grid.reshape(n, grid.shape[1], -1).gather(2, index).reshape(x.shape)
