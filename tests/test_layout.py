@@ -33,6 +33,9 @@ def test_every_named_optimizer_and_schedule_has_a_builder_and_nothing_else():
     ("amp", "fp8", "--amp 'fp8': choose one of off, bf16, fp16"),
     ("compile_mode", "fast", "--compile-mode 'fast': choose one of default, reduce-overhead, max-autotune"),
     ("seed", -1, "--seed -1: must be an integer >= 0"),
+    ("shift", -2, "--shift -2: must be an integer >= 0"),
+    ("flip", "yes", "--flip 'yes': must be true or false"),
+    ("label_smoothing", 1.0, "--label-smoothing 1.0: must be in [0, 1)"),
     ("device", "tpu", "--device 'tpu': not a device name"),
 ])
 def test_the_python_api_refuses_what_the_cli_refuses(field, value, message):

@@ -58,7 +58,8 @@ def wait_for_epochs(out: Path, n: int, proc: subprocess.Popen, timeout: float = 
 # the learning rate (and one-cycle the momentum) every step, dropout drawing from torch's global
 # RNG. A resume that dropped any of them would continue differently from the uninterrupted run.
 RESUME_RECIPES = [
-    pytest.param({"optimizer": "momentum", "schedule": "onecycle", "lr": 0.1}, id="momentum-onecycle"),
+    pytest.param({"optimizer": "momentum", "schedule": "onecycle", "lr": 0.1, "shift": 2, "flip": True,
+                  "label_smoothing": 0.1}, id="momentum-onecycle-augmented"),  # augmentations drawn again alike
     pytest.param({"optimizer": "adam", "schedule": "cosine", "lr": 0.002}, id="adam-cosine"),
 ]
 RESUME_EPOCHS, RESUME_STEPS = 3, 8  # 8 steps per epoch: 2,000 images in batches of 256

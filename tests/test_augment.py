@@ -1,0 +1,70 @@
+"""Augmentation in the training step: what each transformation does to a batch, and where it is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lenet.errors import ConfigError
+from lenet.training import TrainConfig, train
+from lenet.training.augment import augment
+
+
+def _moved(image: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """image (..., H, W) moved down by dy and right by dx, zeros coming in."""
+    out = torch.zeros_like(image)
+    h, w = image.shape[-2:]
+    out[..., max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        image[..., max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+@pytest.mark.parametrize("shape", [(64, 9, 7), (64, 3, 9, 7)])  # grey (N, H, W) and colour (N, C, H, W)
+def test_each_image_is_itself_moved_by_at_most_shift_and_maybe_mirrored(shape):
+    torch.manual_seed(0)
+    x = torch.randint(1, 256, shape, dtype=torch.uint8)  # no zeros: every move shows
+    out = augment(x, shift=2, flip=True)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    seen_moves, mirrored = set(), 0
+    for image, got in zip(x, out):
+        matches = [(dy, dx, m) for m in (False, True) for dy in range(-2, 3) for dx in range(-2, 3)
+                   if torch.equal(got, _moved(image.flip(-1) if m else image, dy, dx))]
+        assert len(matches) == 1, "each output is exactly one move of its own input"
+        seen_moves.add(matches[0][:2])
+        mirrored += matches[0][2]
+    assert len(seen_moves) > 15 and 16 < mirrored < 48  # 25 moves, half mirrored: drawn per example
+
+
+def test_nothing_asked_nothing_done():
+    x = torch.randint(0, 256, (8, 5, 5), dtype=torch.uint8)
+    assert augment(x) is x
+    torch.manual_seed(1)
+    flipped = augment(x, flip=True)
+    assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(flipped, x))
+
+
+def test_augmentation_follows_the_seed():
+    x = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
+    torch.manual_seed(3)
+    a = augment(x, 1, True)
+    torch.manual_seed(3)
+    assert torch.equal(augment(x, 1, True), a)
+
+
+def test_a_model_with_its_own_loss_refuses_label_smoothing():
+    from lenet.data import synthetic_dataset
+
+    with pytest.raises(ConfigError, match=r"--label-smoothing 0.1: this model trains with its own loss \(LeNet5"):
+        train(TrainConfig.for_model("lenet5", epochs=1, label_smoothing=0.1), data=synthetic_dataset(64, 16))
+
+
+def test_augmented_training_learns_and_records_its_recipe(fashion, tmp_path):
+    import json
+
+    result = train(TrainConfig(epochs=1, lr=0.003, optimizer="adam", shift=2, flip=True, label_smoothing=0.1,
+                               overrides={"activation": "relu", "pool": "max"}),
+                   data=fashion.head(3000, 500), out=tmp_path / "run")
+    assert result.test_acc > 0.5  # chance is 0.1
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    train_cfg = saved.get("train", saved)
+    assert (train_cfg["shift"], train_cfg["flip"], train_cfg["label_smoothing"]) == (2, True, 0.1)
