@@ -68,3 +68,35 @@ def test_augmented_training_learns_and_records_its_recipe(fashion, tmp_path):
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     train_cfg = saved.get("train", saved)
     assert (train_cfg["shift"], train_cfg["flip"], train_cfg["label_smoothing"]) == (2, True, 0.1)
+
+
+def test_test_time_flips_average_the_probabilities_of_the_two_views():
+    from lenet.inspect.evaluation import mirror_averaged
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 4))
+    x = torch.rand(6, 4, 5)
+    want = ((net(x).softmax(1) + net(x.flip(-1)).softmax(1)) / 2).log()
+    torch.testing.assert_close(mirror_averaged(net, x), want)
+    symmetric = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(20, 4))
+    with torch.no_grad():  # a model that cannot tell an image from its mirror: nothing changes
+        w = symmetric[1].weight.view(4, 4, 5)
+        w.copy_((w + w.flip(-1)) / 2)
+    torch.testing.assert_close(mirror_averaged(symmetric, x), symmetric(x).log_softmax(1))
+
+
+def test_a_run_with_test_flips_is_evaluated_the_same_way_afterwards(fashion, data_root, tmp_path):
+    """The training loop's evaluator and `lenet evaluate` (which reads the run's recipe) agree."""
+    from .conftest import run_cli
+
+    result = train(TrainConfig(epochs=1, lr=0.003, optimizer="adam", flip=True, test_flip=True,
+                               overrides={"activation": "relu", "pool": "max"}),
+                   data=fashion.head(2000, 500), out=tmp_path / "run")
+    plain = train(TrainConfig(epochs=1, lr=0.003, optimizer="adam", flip=True,
+                              overrides={"activation": "relu", "pool": "max"}), data=fashion.head(2000, 500))
+    assert result.test_acc != plain.test_acc  # the same weights, evaluated two ways
+    proc = run_cli("evaluate", str(tmp_path / "run"), "--data-root", str(data_root), "--out",
+                   str(tmp_path / "cm.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert f"test accuracy {result.test_acc:.4f}" in proc.stdout
+

@@ -175,7 +175,9 @@ def test_bench_quick_prints_table_and_ratios(tmp_path):
         s = result["summary"][arm]
         assert s["train_examples_per_sec"] > 0 and s["peak_rss_mb"] > 0
         assert 0 <= s["test_acc"] <= 1
-        rate = result["macs_per_example"]["train"] * s["train_examples_per_sec"]
+        runs = sorted(r["examples"] / r["train_time_s"] for r in result["runs"] if r["arm"] == arm)
+        assert s["median_train_examples_per_sec"] == pytest.approx((runs[0] + runs[1]) / 2)  # 2 seeds
+        rate = result["macs_per_example"]["train"] * s["median_train_examples_per_sec"]
         assert s["train_macs_per_sec"] == pytest.approx(rate)
         assert s["fraction_of_peak"] == pytest.approx(rate / result["practical_peak"]["macs_per_sec"])
     assert "multiply-accumulates per training example (3 x 416,520 forward" in text
@@ -187,8 +189,10 @@ def test_bench_torchconv_arm_shows_what_the_kernels_add(tmp_path):
     out = tmp_path / "bench.json"
     proc = run_cli("bench", "--quick", "--no-compile", "--arms", "plain,torchconv,engine", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "torchconv / plain: training" in proc.stdout
+    assert "engine / torchconv: training" in proc.stdout and "(engine / plain: training" in proc.stdout
+    assert "same learning: train loss" in proc.stdout and "vs torchconv" in proc.stdout
     result = json.loads(out.read_text())
+    assert result["same_learning"]["reference"] == "torchconv"  # the same loop on PyTorch's convolutions
     assert [r["arm"] for r in result["runs"]] == ["plain", "torchconv", "engine"]
     convs = {r["arm"]: r.get("conv") for r in result["runs"]}
     assert convs["torchconv"] == engine.PYTORCH_CONV

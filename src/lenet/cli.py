@@ -122,6 +122,9 @@ def add_train(sub) -> argparse.ArgumentParser:
                    help="augment: mirror half the training images left-right (default: the preset's recipe, else off)")
     p.add_argument("--label-smoothing", type=_typed("unit", float), default=None, metavar="EPS",
                    help="cross-entropy's label smoothing (default: the preset's recipe, else 0)")
+    p.add_argument("--test-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="test-time flips: score each test image and its mirror image, average the probabilities "
+                        "(for a model trained with --flip; default: the preset's recipe, else off)")
     p.add_argument("--seed", type=_typed("seed"), default=0)
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--out", metavar="RUN_DIR", help="run folder (default runs/<date>-<time>-<model>-<dataset>)")
@@ -178,7 +181,7 @@ def cmd_train(args) -> int:
                              f"{overrides['num_classes']}: give one of them")
         overrides["num_classes"] = str(args.num_classes)
     recipe_flags = ("epochs", "lr", "batch_size", "optimizer", "weight_decay", "schedule", "shift", "flip",
-                    "label_smoothing")
+                    "label_smoothing", "test_flip")
     given = {k: getattr(args, k) for k in recipe_flags if getattr(args, k) is not None}
     cfg = TrainConfig.for_model(args.model, overrides=overrides, dataset=args.dataset,
                                 data_root=args.data_root, test_fraction=args.test_fraction,
@@ -217,7 +220,8 @@ def cmd_evaluate(args) -> int:
     run = load_run(args.run_dir, device)
     out = _figure_out(args, "confusion.png")  # a bad --out fails before the work, not after
     data = run.load_data(args.data_root)
-    report = evaluate(run.model, data.test.images, data.test.labels, data.classes, device=device)
+    test_flip = bool(run.config.get("train", {}).get("test_flip", False))  # evaluated as the run was
+    report = evaluate(run.model, data.test.images, data.test.labels, data.classes, device=device, test_flip=test_flip)
     print(report.format())
     _save(lambda o: plot_confusion(report.confusion, data.classes, o, title=f"{run.config['model']} on {data.name}"), out)
     print(f"\nconfusion matrix saved to {out}")

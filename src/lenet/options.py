@@ -50,7 +50,7 @@ DEVICE_HELP = "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps"
 RULES: dict[str, Any] = {
     "epochs": "count", "batch_size": "count", "eval_batch_size": "count", "curve_points": "count",
     "lr": "positive", "momentum": "unit", "weight_decay": "nonneg", "seed": "seed", "test_fraction": "fraction",
-    "shift": "seed", "flip": "switch", "label_smoothing": "unit",
+    "shift": "seed", "flip": "switch", "label_smoothing": "unit", "test_flip": "switch",
     "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "compile_mode": COMPILE_MODES, "amp": PRECISIONS,
 }
 
@@ -103,6 +103,7 @@ class TrainConfig:
     shift: int = 0  # augmentation: random translations by up to this many pixels (lenet.training.augment)
     flip: bool = False  # augmentation: random left-right mirror images
     label_smoothing: float = 0.0  # cross-entropy's target smoothing (models with their own loss refuse it)
+    test_flip: bool = False  # test-time flips: average the probabilities of each test image and its mirror
     seed: int = 0
     device: str = "auto"
     eval_batch_size: int = 512  # small batches stay in the CPU caches: ~3x faster than 2048 here

@@ -60,8 +60,8 @@ MARKER = "compare.json"
 # The keys of a spec: a variant's recipe is a TrainConfig (these fields of it, with the same
 # checks as `lenet train`'s flags), plus its model settings (`set`) and what only a spec has.
 TRAIN_KEYS = ("model", "dataset", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "schedule",
-              "test_fraction", "shift", "flip", "label_smoothing")
-AUGMENT_KEYS = ("shift", "flip", "label_smoothing")  # recorded in a run's settings when not off
+              "test_fraction", "shift", "flip", "label_smoothing", "test_flip")
+AUGMENT_KEYS = ("shift", "flip", "label_smoothing", "test_flip")  # recorded in a run's settings when not off
 SPEC_KEYS: dict[str, tuple[str, Any]] = {  # key -> (kind, default)
     "description": ("text", ""),
     "set": ("table", {}),

@@ -52,7 +52,7 @@ STUDY_NAME = "lenet-tune"
 TRIAL_MARKER = "trial.json"
 FINAL_MARKER = "final.json"
 TUNABLE = ("model", "epochs", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "schedule", "shift", "flip",
-           "label_smoothing")
+           "label_smoothing", "test_flip")
 TUNE_KEYS: dict[str, tuple[Any, Any]] = {  # key -> (rule, default)
     "trials": ("count", None),
     "validation_fraction": ("fraction", 0.1),

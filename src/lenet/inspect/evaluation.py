@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -10,13 +11,27 @@ from torch import nn
 from .._util import eval_mode, to_float
 
 
+def mirror_averaged(scores_of: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """Test-time flips: the log of the class probabilities averaged over each image of the batch x
+    (..., H, W) and its mirror image (left-right), for a model trained on mirrored images too
+    (``--flip``). Its argmax is the class the two views agree on best."""
+    probs = scores_of(x).float().softmax(dim=1) + scores_of(x.flip(-1)).float().softmax(dim=1)
+    return (probs / 2).log()
+
+
 @torch.inference_mode()
 def predict_scores(model: nn.Module, images: torch.Tensor, *, batch_size: int = 512,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Class scores (N, classes) for uint8 images (N, H, W), computed in eval mode in batches."""
+                   device: torch.device | str = "cpu", test_flip: bool = False) -> torch.Tensor:
+    """Class scores (N, classes) for uint8 images (N, H, W), computed in eval mode in batches
+    (with ``test_flip``: :func:`mirror_averaged`)."""
+    def scores_of(x: torch.Tensor) -> torch.Tensor:
+        return model(to_float(x)).float()
+
     with eval_mode(model):
-        outs = [model(to_float(images[start:start + batch_size].to(device, non_blocking=True))).float()
-                for start in range(0, images.shape[0], batch_size)]
+        outs = []
+        for start in range(0, images.shape[0], batch_size):
+            x = images[start:start + batch_size].to(device, non_blocking=True)
+            outs.append(mirror_averaged(scores_of, x) if test_flip else scores_of(x))
     return torch.cat(outs) if outs else torch.empty(0, 0)
 
 
@@ -67,8 +82,8 @@ class EvalReport:
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: tuple[str, ...],
-             *, batch_size: int = 512, device: torch.device | str = "cpu") -> EvalReport:
-    scores = predict_scores(model, images, batch_size=batch_size, device=device).cpu()
+             *, batch_size: int = 512, device: torch.device | str = "cpu", test_flip: bool = False) -> EvalReport:
+    scores = predict_scores(model, images, batch_size=batch_size, device=device, test_flip=test_flip).cpu()
     preds = scores.argmax(dim=1)
     k = len(classes)
     full = confusion_matrix(preds, labels, max(k, scores.shape[1] if scores.ndim == 2 else k))

@@ -36,6 +36,7 @@ from torch import nn
 
 from .._util import eval_mode, to_float
 from ..errors import ConfigError
+from ..inspect.evaluation import mirror_averaged
 from ..options import COMPILE_MODES, flag, problem
 from ..options import PRECISIONS as AMP_DTYPES
 
@@ -302,9 +303,9 @@ class Evaluator:
     """Counts correct top-1 predictions on uint8 images, in eval mode, in fixed-size batches."""
 
     def __init__(self, model: nn.Module, device: torch.device, options: EngineOptions | None = None,
-                 batch_size: int = 1024, log: Callable[[str], None] | None = None):
+                 batch_size: int = 1024, log: Callable[[str], None] | None = None, test_flip: bool = False):
         options = options or EngineOptions()
-        self.model, self.device, self.batch_size = model, device, batch_size
+        self.model, self.device, self.batch_size, self.test_flip = model, device, batch_size, test_flip
         self.net, self.conv = conv_runner(model, device, options, lambda s: None)
         enabled = options.compile if options.compile is not None else default_compile(device)
         if self.net is not model or (enabled and compiler_problem(device) is not None):
@@ -314,7 +315,11 @@ class Evaluator:
         self._count = _Compiled(self._count_correct, enabled, mode, "evaluation", log or (lambda s: None))
 
     def _count_correct(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return (_scores(self.net, x, self.device, self.amp).argmax(dim=1) == y).sum()
+        def scores_of(images: torch.Tensor) -> torch.Tensor:
+            return _scores(self.net, images, self.device, self.amp)
+
+        scores = mirror_averaged(scores_of, x) if self.test_flip else scores_of(x)
+        return (scores.argmax(dim=1) == y).sum()
 
     def correct(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Number of correct predictions (an int64 device tensor; no host sync)."""

@@ -399,7 +399,8 @@ def _engine(cfg: TrainConfig, state: TrainState, world: distributed.World, devic
     options = EngineOptions(cfg.compile, cfg.compile_mode, cfg.amp, fast_conv)
     step = TrainStep(distributed.wrap(state.model, device, world), model_criterion(state.model, cfg.label_smoothing),
                      state.optimizer, state.scheduler, device, options, log=log)
-    return step, Evaluator(state.model, device, options, batch_size=cfg.eval_batch_size, log=log)
+    return step, Evaluator(state.model, device, options, batch_size=cfg.eval_batch_size, log=log,
+                           test_flip=cfg.test_flip)
 
 
 def _config_json(run: Run) -> dict[str, Any]:
