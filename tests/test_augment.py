@@ -91,9 +91,9 @@ def test_a_run_with_test_flips_is_evaluated_the_same_way_afterwards(fashion, dat
 
     result = train(TrainConfig(epochs=1, lr=0.003, optimizer="adam", flip=True, test_flip=True,
                                overrides={"activation": "relu", "pool": "max"}),
-                   data=fashion.head(2000, 500), out=tmp_path / "run")
+                   data=fashion.head(2000, 10000), out=tmp_path / "run")  # the test set `lenet evaluate` reads
     plain = train(TrainConfig(epochs=1, lr=0.003, optimizer="adam", flip=True,
-                              overrides={"activation": "relu", "pool": "max"}), data=fashion.head(2000, 500))
+                              overrides={"activation": "relu", "pool": "max"}), data=fashion.head(2000, 10000))
     assert result.test_acc != plain.test_acc  # the same weights, evaluated two ways
     proc = run_cli("evaluate", str(tmp_path / "run"), "--data-root", str(data_root), "--out",
                    str(tmp_path / "cm.png"))
