@@ -169,25 +169,33 @@ def _model_and_runner_agree(model, x, training: bool):
     entry) from float64, the kernels' 8e-6 (measured, batch 48)."""
     import copy
 
-    ref = copy.deepcopy(model).double()
+    ref, ref32 = copy.deepcopy(model).double(), copy.deepcopy(model)
     runner, why = blconv.batch_last(model)
     assert runner is not None, why
-    model.train(training)
-    ref.train(training)
-    want = ref(x.double())
-    (want * torch.linspace(-1, 1, want.numel(), dtype=want.dtype).view(want.shape)).sum().backward()
-    got = runner(x)
-    (got * torch.linspace(-1, 1, got.numel()).view(got.shape)).sum().backward()
+    for net in (model, ref, ref32):
+        net.train(training)
+    outputs = []
+    for net, inp in ((ref, x.double()), (ref32, x), (runner, x)):
+        y = net(inp)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)).sum().backward()
+        outputs.append(y.detach())
 
-    def close(a, b, what):  # to 1e-4 of the tensor's largest entry
-        err = (a.double() - b).abs().max().item()
-        assert err <= 1e-6 + 1e-4 * b.abs().max().item(), f"{what} differs by {err:.3g}"
+    def close(a, b, b32, what):
+        """To 5e-4 of the tensor's largest entry, or as close as PyTorch's float32 gets: max pooling
+        routes a gradient to another cell wherever two values of a window are within rounding of
+        each other, in float32 as in the kernels (measured: up to 1.5e-4 for `modern`'s conv2
+        weight gradient at batch 48; PyTorch's own float32 conv1 gradient is 4e-4 off). A wrong
+        formula is off by far more: leaving out the mean's share of BatchNorm's gradient puts `modern`'s
+        conv weight gradients 0.67-0.94 off (measured)."""
+        err, err32 = (a.double() - b).abs().max().item(), (b32.double() - b).abs().max().item()
+        assert err <= max(1e-6 + 5e-4 * b.abs().max().item(), 3 * err32), \
+            f"{what} differs by {err:.3g} (PyTorch's float32: {err32:.3g})"
 
-    close(got, want, "the output")
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-        close(p.grad, q.grad, f"the gradient of {name}")
-    for (name, b), c in zip(model.named_buffers(), ref.buffers()):
-        close(b, c, name)
+    close(outputs[2], outputs[0], outputs[1], "the output")
+    for (name, p), q, q32 in zip(model.named_parameters(), ref.parameters(), ref32.parameters()):
+        close(p.grad, q.grad, q32.grad, f"the gradient of {name}")
+    for (name, b), c, c32 in zip(model.named_buffers(), ref.buffers(), ref32.buffers()):
+        close(b, c, c32, name)
     return runner
 
 

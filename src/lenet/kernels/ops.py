@@ -141,6 +141,8 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_affine_backward.argtypes = ptrs * 7 + ints * 7
     lib.lenet_bl_channel_stats.argtypes = ptrs + ints * 5 + ptrs * 2
     lib.lenet_bl_bn_backward.argtypes = ptrs * 9 + ints * 8
+    lib.lenet_bl_conv_stats.argtypes = ptrs * 3 + ints * 8 + ptrs * 2
+    lib.lenet_bl_conv_bn_backward.argtypes = ptrs * 14 + ints * 11
     _lib = lib
     try:
         _read_constants(lib)
@@ -402,6 +404,59 @@ class BatchNormBlock(torch.autograd.Function):
         return (grad_z, grad_gamma if need[1] else None, grad_beta if need[2] else None) + (None,) * 6
 
 
+def conv_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad: int,
+               n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and variance of conv(x) over its first n lanes, the convolution computed
+    chunk by chunk and never stored (x: [Cin, H, W, B], columns padded)."""
+    x, w = x.contiguous(), weight.detach().contiguous()
+    b = None if bias is None else bias.detach().contiguous()
+    cin, h, wd, lanes = x.shape
+    cout, _, ks, _ = w.shape
+    mean, var = torch.empty(cout, dtype=torch.float64), torch.empty(cout, dtype=torch.float64)
+    _check(_need_lib().lenet_bl_conv_stats(_ptr(x), _ptr(w), _ptr(b), cin, h, wd, pad, cout, ks, lanes, n,
+                                           _ptr(mean), _ptr(var)), "conv statistics", x.shape, w.shape)
+    return mean.float(), var.float()
+
+
+class ConvBatchNormBlock(torch.autograd.Function):
+    """pool(act(BatchNorm(conv(x)))) in training mode without storing conv(x): forward is one
+    block call with the normalisation folded into the weights (scale x w, and shift + scale x b as
+    the bias); backward recomputes the convolution in each of its two passes (see the C++)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gamma, beta, mean, rstd, n: int, pad: int, act: int, pool: int, k: int):
+        g = gamma.detach() if gamma is not None else torch.ones_like(mean)
+        b = beta.detach() if beta is not None else torch.zeros_like(mean)
+        scale = (g * rstd).contiguous()
+        shift = (b - mean * scale).contiguous()
+        x, w = x.contiguous(), weight.detach().contiguous()
+        folded_bias = shift + bias.detach() * scale if bias is not None else shift
+        out = ConvBlock.forward(ctx, x, w * scale.view(-1, 1, 1, 1), folded_bias, pad, act, pool, k)
+        ctx.save_for_backward(x, w, None if bias is None else bias.detach().contiguous(),  # (replaces ConvBlock's)
+                              scale, shift, mean.contiguous(), rstd.contiguous())
+        ctx.conf, ctx.n = (pad, act, pool, k), n
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, bias, s, t, mean, rstd = ctx.saved_tensors
+        pad, act, pool, k = ctx.conf
+        cin, h, wd, lanes = x.shape
+        cout, _, ks, _ = w.shape
+        grad = grad.contiguous()
+        need = ctx.needs_input_grad
+        grad_x = torch.empty_like(x) if need[0] else None
+        flipped = w.flip(2, 3).transpose(0, 1).contiguous() if need[0] else None
+        grad_w, grad_b = torch.empty_like(w), torch.empty(cout) if bias is not None else None
+        grad_gamma, grad_beta = torch.empty(cout), torch.empty(cout)
+        _check(_need_lib().lenet_bl_conv_bn_backward(
+            _ptr(x), _ptr(w), _ptr(bias), _ptr(flipped), _ptr(s), _ptr(t), _ptr(mean), _ptr(rstd), _ptr(grad),
+            _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), _ptr(grad_gamma), _ptr(grad_beta),
+            cin, h, wd, pad, cout, ks, lanes, ctx.n, act, pool, k), "conv + batch norm backward", x.shape, grad.shape)
+        return (grad_x, grad_w if need[1] else None, grad_b if need[2] else None,
+                grad_gamma if need[3] else None, grad_beta if need[4] else None) + (None,) * 7
+
+
 # --------------------------------------------------------------------------------------------
 # Running a model in the batch-last layout: a plan of stages
 #
@@ -450,16 +505,32 @@ class _ConvNorm(_Conv):
         self.norm, self.after = norm, (act, pool, k)
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        z, bn = super().__call__(h, n), self.norm
-        if bn.training or bn.running_mean is None:
-            mean, var = channel_stats(z, n)
-            if bn.training and bn.running_mean is not None:
-                _update_running_stats(bn, mean, var, n * z.shape[1] * z.shape[2])
-            return BatchNormBlock.apply(z, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n, *self.after)
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        scale = scale * bn.weight if bn.weight is not None else scale
-        shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
-        return AffineBlock.apply(z, scale, shift, *self.after)
+        bn, w, bias = self.norm, self.weight(), self.conv.bias
+        h = h if self.padded else pad_cols(h, self.pad)
+        if not (bn.training or bn.running_mean is None):  # running statistics: fold them into the conv
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            scale = scale * bn.weight if bn.weight is not None else scale
+            shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
+            shift = shift + bias * scale if bias is not None else shift
+            return ConvBlock.apply(h, w * scale.view(-1, 1, 1, 1), shift, self.pad, *self.after)
+        if w[0].numel() <= RECOMPUTE_FAN_IN:  # recomputing the conv costs less than storing its output
+            mean, var = conv_stats(h, w, bias, self.pad, n)
+            self._track(mean, var, n * (h.shape[1] + 2 * self.pad - w.shape[2] + 1) * (h.shape[2] - w.shape[3] + 1))
+            return ConvBatchNormBlock.apply(h, w, bias, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n,
+                                            self.pad, *self.after)
+        z = ConvBlock.apply(h, w, bias, self.pad, self.act, self.pool, self.k)
+        mean, var = channel_stats(z, n)
+        self._track(mean, var, n * z.shape[1] * z.shape[2])
+        return BatchNormBlock.apply(z, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n, *self.after)
+
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        if self.norm.training and self.norm.running_mean is not None:
+            _update_running_stats(self.norm, mean, var, count)
+
+
+# A conv whose kernel reads at most this many inputs (in_channels x k x k: a first layer's 5x5 on
+# one channel) is recomputed in BatchNorm's passes rather than stored (measured in speed-notes.md).
+RECOMPUTE_FAN_IN = 25
 
 
 @torch.no_grad()
@@ -677,4 +748,4 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
     return BatchLast(model, stages, i), ""
 
 
-__all__ = ["AffineBlock", "BatchLast", "BatchNormBlock", "Constants", "ConvBlock", "DenseBlock", "batch_last", "constants", "library", "problem"]
+__all__ = ["AffineBlock", "BatchLast", "BatchNormBlock", "ConvBatchNormBlock", "Constants", "ConvBlock", "DenseBlock", "batch_last", "constants", "library", "problem"]

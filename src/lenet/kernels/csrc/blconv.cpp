@@ -523,6 +523,20 @@ static void bn_chunk(const Map& in, const Map& gpm, const Map& out, const std::v
     }
 }
 
+// From the per-channel sums of g and g z over `count` values: the gradients of gamma and beta, and
+// the coefficients A, Bz of gz = s g + A + Bz z (the batch statistics' share of the gradient).
+static void bn_coefficients(const std::vector<double>& sums, const float* s, const float* mean, const float* rstd,
+                            double count, std::vector<BnChannel>& chs, float* ggamma, float* gbeta) {
+    for (std::size_t c = 0; c < chs.size(); ++c) {
+        const double sg = sums[2 * c], dgamma = rstd[c] * (sums[2 * c + 1] - mean[c] * sg);
+        const double bz = -(double)s[c] * rstd[c] * dgamma / count;
+        gbeta[c] = (float)sg;
+        ggamma[c] = (float)dgamma;
+        chs[c].Bz = splat((float)bz);
+        chs[c].A = splat((float)(-(double)s[c] * sg / count - bz * mean[c]));
+    }
+}
+
 extern "C" {
 
 // The numbers the Python side must agree with, reported from here rather than written twice:
@@ -736,17 +750,8 @@ int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const f
             for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
 #pragma omp barrier
 #pragma omp single
-        {
-            const double count = (double)n * H * W;
-            for (int c = 0; c < C; ++c) {
-                const double sg = sums[2 * c], dgamma = rstd[c] * (sums[2 * c + 1] - mean[c] * sg);
-                const double bz = -(double)s[c] * rstd[c] * dgamma / count;
-                gbeta[c] = (float)sg;
-                ggamma[c] = (float)dgamma;
-                chs[c].Bz = splat((float)bz);
-                chs[c].A = splat((float)(-(double)s[c] * sg / count - bz * mean[c]));
-            }
-        }  // (an implicit barrier: every thread sees the coefficients)
+        bn_coefficients(sums, s, mean, rstd, (double)n * H * W, chs, ggamma, gbeta);
+        // (an implicit barrier after the single: every thread sees the coefficients)
         std::vector<BnChannel> mine_chs(chs);
         for (int b0 = lo; b0 < hi; b0 += V) {  // pass 2
             const vec m = lane_mask(b0, n);
@@ -755,6 +760,118 @@ int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const f
                            pool, k, act, nullptr);
         }
     }
+    return 0;
+}
+
+// ---- A BatchNorm block whose convolution is cheaper to recompute than to store ------------------
+//
+// A first layer (one input channel) computes few multiply-adds per output but writes a large
+// output: storing conv1's output costs more (it goes to memory at a 1 KB stride) than computing it
+// again in the core's cache. These two entries never store it: the statistics pass computes the
+// convolution chunk by chunk and sums it; the forward pass is lenet_bl_block_forward with the
+// normalisation folded into the weights (s w, and t + s b as the bias); the backward pass
+// recomputes the convolution twice, once to sum g and g z and once to form gz in the chunk's
+// scratch buffer, from which the weight (and input) gradients are taken as in a block's backward.
+
+int lenet_bl_conv_stats(const float* x, const float* w, const float* bias, int Cin, int Hin, int Win, int pad,
+                        int Cout, int K, int B, int n, double* mean, double* var) {
+    if (B % V || !supported(K) || n < 1 || n > B) return -1;
+    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
+    std::vector<double> sums(2 * (std::size_t)Cout, 0.0);
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> z_buf((std::size_t)Cout * Ho * Wo * V);
+        Map z = cmap(z_buf.data(), Cout, Ho, Wo, V);
+        std::vector<double> mine(2 * (std::size_t)Cout, 0.0);
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {
+            conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
+            const vec m = lane_mask(b0, n);
+            for (int c = 0; c < Cout; ++c) {
+                vec s1 = vec{}, s2 = vec{};
+                for (int y = 0; y < Ho; ++y)
+                    for (int xx = 0; xx < Wo; ++xx) {
+                        const vec v = load(z.at(c, y, xx)) * m;
+                        s1 += v;
+                        s2 += v * v;
+                    }
+                for (int l = 0; l < V; ++l) {
+                    mine[2 * c] += s1[l];
+                    mine[2 * c + 1] += s2[l];
+                }
+            }
+        }
+#pragma omp critical
+        for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
+    }
+    const double count = (double)n * Ho * Wo;
+    for (int c = 0; c < Cout; ++c) {
+        mean[c] = sums[2 * c] / count;
+        var[c] = std::max(0.0, sums[2 * c + 1] / count - mean[c] * mean[c]);
+    }
+    return 0;
+}
+
+int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias, const float* wflip,
+                              const float* s, const float* t, const float* mean, const float* rstd, const float* gp,
+                              float* gx, float* gw, float* gb, float* ggamma, float* gbeta,
+                              int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int n,
+                              int act, int pool, int k) {
+    if (B % V || !supported(K) || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE
+        || pool > POOL_MAX || k < 1 || (pool && k > 3)) return -1;
+    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
+    const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
+    const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
+    const std::size_t nw = (std::size_t)Cout * Cin * K * K;
+    std::vector<double> sums(2 * (std::size_t)Cout, 0.0);
+    std::vector<BnChannel> chs(Cout);
+    for (int c = 0; c < Cout; ++c) chs[c] = BnChannel{splat(s[c]), splat(t[c]), vec{}, vec{}, vec{}};
+    Partials part(nw + Cout);  // weight gradient, then bias gradient
+#pragma omp parallel num_threads(part.T)
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> z_buf((std::size_t)Cout * Ho * Wo * V), gz_buf((std::size_t)Cout * Ho * gcols * V);
+        Map z = cmap(z_buf.data(), Cout, Ho, Wo, V), gz = cmap(gz_buf.data(), Cout, Ho, gcols, V);
+        Map gz_at = cmap(gz_buf.data() + (std::size_t)goff * V, Cout, Ho, gcols, V);  // column goff of gz
+        std::vector<vec> mine(2 * (std::size_t)Cout, vec{}), acc(nw + Cout, vec{});
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {  // pass 1
+            conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
+            bn_chunk<false>(z, cmap(gp + b0, Cout, Hp, Wp, B), Map{}, chs, pool, k, act, mine.data());
+        }
+#pragma omp critical
+        for (std::size_t i = 0; i < sums.size(); ++i)
+            for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
+#pragma omp barrier
+#pragma omp single
+        bn_coefficients(sums, s, mean, rstd, (double)n * Ho * Wo, chs, ggamma, gbeta);
+        std::vector<BnChannel> mine_chs(chs);
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {  // pass 2 (lanes past n: no example, no gradient)
+            Map in = cmap(x + b0, Cin, Hin, Win, B);
+            conv_any(in, w, bias, z, K, pad, ACT_NONE);
+            const vec m = lane_mask(b0, n);
+            for (auto& ch : mine_chs) ch.mask = m;
+            bn_chunk<true>(z, cmap(gp + b0, Cout, Hp, Wp, B), gz_at, mine_chs, pool, k, act, nullptr);
+            wgrad_any(in, gz, K, goff, pad, acc.data());
+            for (int c = 0; c < Cout; ++c)
+                for (int y = 0; y < Ho; ++y)
+                    for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
+            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE);
+        }
+        if (gx)  // chunks wholly past n: zero input gradient
+            for (int b0 = std::max(lo, (n + V - 1) / V * V); b0 < hi; b0 += V) {
+                Map g = cmap(gx + b0, Cin, Hin, Win, B);
+                for (int c = 0; c < Cin; ++c)
+                    for (int y = 0; y < Hin; ++y)
+                        for (int xx = 0; xx < Win; ++xx) store(g.at(c, y, xx), vec{});
+            }
+        part.add_lanes(acc, nw + Cout);
+    }
+    std::vector<float> total(nw + Cout);
+    part.sum_into(total.data());
+    std::copy(total.begin(), total.begin() + nw, gw);
+    if (gb) std::copy(total.begin() + nw, total.end(), gb);
     return 0;
 }
 
