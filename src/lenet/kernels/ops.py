@@ -179,8 +179,9 @@ def problem() -> str | None:
 
 
 def _self_test() -> str | None:
-    """Check the freshly loaded kernels against PyTorch: a small model with two conv blocks (max
-    and average pooling, padding) and two dense layers, forward and every gradient, on a batch
+    """Check the freshly loaded kernels against PyTorch: three small models that use every kind of
+    stage (conv blocks with both poolings and padding, BatchNorm blocks recomputed and stored,
+    LeNet-5's scaled tanh and subsampling, dense layers), forward and every gradient, on a batch
     that is not a multiple of 16. A message if anything differs."""
     g = torch.Generator().manual_seed(0)
     models = [nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2),
@@ -188,7 +189,10 @@ def _self_test() -> str | None:
                             nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 5)),
               nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
                             nn.Conv2d(3, 4, 3), ScaledTanh(), Subsampling(4), ScaledTanh(), nn.Flatten(),
-                            nn.Linear(16, 7), ScaledTanh(), nn.Linear(7, 5))]
+                            nn.Linear(16, 7), ScaledTanh(), nn.Linear(7, 5)),
+              nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.AvgPool2d(2),  # recomputed
+                            nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Sigmoid(), nn.MaxPool2d(2),  # stored
+                            nn.Flatten(), nn.Linear(16, 5))]
     for index, model in enumerate(models):
         with torch.no_grad():
             for p in model.parameters():
