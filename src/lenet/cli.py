@@ -281,7 +281,8 @@ def cmd_models(args) -> int:
     for name, entry in MODELS.items():
         print(f"{name:<{width}} {param_count(create_model(name)):>9,} params  {entry.description}")
         if entry.recipe:
-            recipe = ", ".join(f"{k.replace('_', '-')} {v}" for k, v in entry.recipe.items())
+            recipe = ", ".join(k.replace("_", "-") if v is True else f"no-{k.replace('_', '-')}" if v is False
+                               else f"{k.replace('_', '-')} {v}" for k, v in entry.recipe.items())
             print(f"{'':<{width}} {'':>16} recipe (used when `lenet train` is not given these flags): {recipe}")
     return 0
 

@@ -413,6 +413,13 @@ struct Partials {
             p[i] += s;
         }
     }
+    // The totals of a weight gradient (the first nw) and a bias gradient (the rest; if gb).
+    void sum_split(float* gw, std::size_t nw, float* gb) const {
+        std::vector<float> total(n);
+        sum_into(total.data());
+        std::copy(total.begin(), total.begin() + nw, gw);
+        if (gb) std::copy(total.begin() + nw, total.end(), gb);
+    }
     void sum_into(float* out) const {
         for (std::size_t i = 0; i < n; ++i) {
             float s = 0.0f;
@@ -523,6 +530,32 @@ static void bn_chunk(const Map& in, const Map& gpm, const Map& out, const std::v
     }
 }
 
+// Adds, per channel c of one chunk z, the sum of its values and of their squares over the lanes
+// that mask keeps (1) to sums[2c] and sums[2c + 1]: float within the chunk, double across chunks.
+static void add_channel_sums(const Map& z, vec mask, std::vector<double>& sums) {
+    for (int c = 0; c < z.C; ++c) {
+        vec s1 = vec{}, s2 = vec{};
+        for (int y = 0; y < z.H; ++y)
+            for (int x = 0; x < z.W; ++x) {
+                const vec v = load(z.at(c, y, x)) * mask;
+                s1 += v;
+                s2 += v * v;
+            }
+        for (int l = 0; l < V; ++l) {
+            sums[2 * c] += s1[l];
+            sums[2 * c + 1] += s2[l];
+        }
+    }
+}
+
+// Mean and biased variance per channel from add_channel_sums' totals over `count` values.
+static void mean_and_var(const std::vector<double>& sums, double count, double* mean, double* var) {
+    for (std::size_t c = 0; c < sums.size() / 2; ++c) {
+        mean[c] = sums[2 * c] / count;
+        var[c] = std::max(0.0, sums[2 * c + 1] / count - mean[c] * mean[c]);
+    }
+}
+
 // From the per-channel sums of g and g z over `count` values: the gradients of gamma and beta, and
 // the coefficients A, Bz of gz = s g + A + Bz z (the batch statistics' share of the gradient).
 static void bn_coefficients(const std::vector<double>& sums, const float* s, const float* mean, const float* rstd,
@@ -535,6 +568,19 @@ static void bn_coefficients(const std::vector<double>& sums, const float* s, con
         chs[c].Bz = splat((float)bz);
         chs[c].A = splat((float)(-(double)s[c] * sg / count - bz * mean[c]));
     }
+}
+
+// Called by every thread of a parallel region after pass 1: adds this thread's per-lane sums into
+// sums, waits for all threads, and has one of them compute the coefficients; every thread sees
+// them on return (the single's implicit barrier).
+static void bn_reduce(const std::vector<vec>& mine, std::vector<double>& sums, const float* s, const float* mean,
+                      const float* rstd, double count, std::vector<BnChannel>& chs, float* ggamma, float* gbeta) {
+#pragma omp critical
+    for (std::size_t i = 0; i < sums.size(); ++i)
+        for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
+#pragma omp barrier
+#pragma omp single
+    bn_coefficients(sums, s, mean, rstd, count, chs, ggamma, gbeta);
 }
 
 extern "C" {
@@ -610,10 +656,7 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
         }
         part.add_lanes(acc, nw + Cout);
     }
-    std::vector<float> total(nw + Cout);
-    part.sum_into(total.data());
-    std::copy(total.begin(), total.begin() + nw, gw);
-    if (gb) std::copy(total.begin() + nw, total.end(), gb);
+    part.sum_split(gw, nw, gb);
     return 0;
 }
 
@@ -700,31 +743,11 @@ int lenet_bl_channel_stats(const float* z, int C, int H, int W, int B, int n, do
         int lo, hi;
         my_lanes(B, lo, hi);
         std::vector<double> mine(2 * (std::size_t)C, 0.0);
-        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {
-            const vec m = lane_mask(b0, n);
-            Map in = cmap(z + b0, C, H, W, B);
-            for (int c = 0; c < C; ++c) {
-                vec s1 = vec{}, s2 = vec{};
-                for (int y = 0; y < H; ++y)
-                    for (int x = 0; x < W; ++x) {
-                        const vec v = load(in.at(c, y, x)) * m;
-                        s1 += v;
-                        s2 += v * v;
-                    }
-                for (int l = 0; l < V; ++l) {
-                    mine[2 * c] += s1[l];
-                    mine[2 * c + 1] += s2[l];
-                }
-            }
-        }
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) add_channel_sums(cmap(z + b0, C, H, W, B), lane_mask(b0, n), mine);
 #pragma omp critical
         for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
     }
-    const double count = (double)n * H * W;
-    for (int c = 0; c < C; ++c) {
-        mean[c] = sums[2 * c] / count;
-        var[c] = std::max(0.0, sums[2 * c + 1] / count - mean[c] * mean[c]);
-    }
+    mean_and_var(sums, (double)n * H * W, mean, var);
     return 0;
 }
 
@@ -745,13 +768,7 @@ int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const f
         std::vector<vec> mine(2 * (std::size_t)C, vec{});
         for (int b0 = lo; b0 < hi && b0 < n; b0 += V)  // pass 1 (padded lanes have gp = 0, so g = 0)
             bn_chunk<false>(cmap(z + b0, C, H, W, B), cmap(gp + b0, C, Hp, Wp, B), Map{}, chs, pool, k, act, mine.data());
-#pragma omp critical
-        for (std::size_t i = 0; i < sums.size(); ++i)
-            for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
-#pragma omp barrier
-#pragma omp single
-        bn_coefficients(sums, s, mean, rstd, (double)n * H * W, chs, ggamma, gbeta);
-        // (an implicit barrier after the single: every thread sees the coefficients)
+        bn_reduce(mine, sums, s, mean, rstd, (double)n * H * W, chs, ggamma, gbeta);
         std::vector<BnChannel> mine_chs(chs);
         for (int b0 = lo; b0 < hi; b0 += V) {  // pass 2
             const vec m = lane_mask(b0, n);
@@ -787,29 +804,12 @@ int lenet_bl_conv_stats(const float* x, const float* w, const float* bias, int C
         std::vector<double> mine(2 * (std::size_t)Cout, 0.0);
         for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {
             conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
-            const vec m = lane_mask(b0, n);
-            for (int c = 0; c < Cout; ++c) {
-                vec s1 = vec{}, s2 = vec{};
-                for (int y = 0; y < Ho; ++y)
-                    for (int xx = 0; xx < Wo; ++xx) {
-                        const vec v = load(z.at(c, y, xx)) * m;
-                        s1 += v;
-                        s2 += v * v;
-                    }
-                for (int l = 0; l < V; ++l) {
-                    mine[2 * c] += s1[l];
-                    mine[2 * c + 1] += s2[l];
-                }
-            }
+            add_channel_sums(z, lane_mask(b0, n), mine);
         }
 #pragma omp critical
         for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
     }
-    const double count = (double)n * Ho * Wo;
-    for (int c = 0; c < Cout; ++c) {
-        mean[c] = sums[2 * c] / count;
-        var[c] = std::max(0.0, sums[2 * c + 1] / count - mean[c] * mean[c]);
-    }
+    mean_and_var(sums, (double)n * Ho * Wo, mean, var);
     return 0;
 }
 
@@ -840,12 +840,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
             conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
             bn_chunk<false>(z, cmap(gp + b0, Cout, Hp, Wp, B), Map{}, chs, pool, k, act, mine.data());
         }
-#pragma omp critical
-        for (std::size_t i = 0; i < sums.size(); ++i)
-            for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
-#pragma omp barrier
-#pragma omp single
-        bn_coefficients(sums, s, mean, rstd, (double)n * Ho * Wo, chs, ggamma, gbeta);
+        bn_reduce(mine, sums, s, mean, rstd, (double)n * Ho * Wo, chs, ggamma, gbeta);
         std::vector<BnChannel> mine_chs(chs);
         for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {  // pass 2 (lanes past n: no example, no gradient)
             Map in = cmap(x + b0, Cin, Hin, Win, B);
@@ -868,10 +863,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
             }
         part.add_lanes(acc, nw + Cout);
     }
-    std::vector<float> total(nw + Cout);
-    part.sum_into(total.data());
-    std::copy(total.begin(), total.begin() + nw, gw);
-    if (gb) std::copy(total.begin() + nw, total.end(), gb);
+    part.sum_split(gw, nw, gb);
     return 0;
 }
 
