@@ -58,6 +58,7 @@ def test_a_model_with_its_own_loss_refuses_label_smoothing():
         train(TrainConfig.for_model("lenet5", epochs=1, label_smoothing=0.1), data=synthetic_dataset(64, 16))
 
 
+@pytest.mark.slow
 def test_augmented_training_learns_and_records_its_recipe(fashion, tmp_path):
     import json
 
@@ -85,6 +86,7 @@ def test_test_time_flips_average_the_probabilities_of_the_two_views():
     torch.testing.assert_close(mirror_averaged(symmetric, x), symmetric(x).log_softmax(1))
 
 
+@pytest.mark.slow
 def test_a_run_with_test_flips_is_evaluated_the_same_way_afterwards(fashion, data_root, tmp_path):
     """The training loop's evaluator and `lenet evaluate` (which reads the run's recipe) agree."""
     from .conftest import run_cli
