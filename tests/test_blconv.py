@@ -234,6 +234,18 @@ def test_batch_norm_with_cumulative_average_and_without_running_statistics():
 
 
 @needs_kernels
+@pytest.mark.parametrize("window", [1, 4])
+def test_batch_norm_before_a_pool_the_kernels_do_not_fuse(window):
+    """BatchNorm's kernels pool over windows of 2 or 3; another window is left to PyTorch, after
+    the BatchNorm block, and the model still equals PyTorch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 5, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(window),
+                          nn.Flatten(), nn.Linear(4 * (24 // window) ** 2, 3))
+    runner = _model_and_runner_agree(model, torch.rand(19, 1, 28, 28), True)
+    assert isinstance(runner.rest[0], nn.MaxPool2d)
+
+
+@needs_kernels
 def test_c3_output_maps_read_only_their_table_s_inputs():
     """C3 runs as a full 6 -> 16 convolution of the scattered weight: a map outside an output's
     table must not reach it, and the unconnected kernels (zeros) get no parameter to train."""

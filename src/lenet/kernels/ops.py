@@ -143,6 +143,7 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_bn_backward.argtypes = ptrs * 9 + ints * 8
     lib.lenet_bl_conv_stats.argtypes = ptrs * 3 + ints * 8 + ptrs * 2
     lib.lenet_bl_conv_bn_backward.argtypes = ptrs * 14 + ints * 11
+    lib.lenet_bl_conv_affine_forward.argtypes = ptrs * 6 + ints * 10
     _lib = lib
     try:
         _read_constants(lib)
@@ -423,9 +424,9 @@ def conv_stats(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 class ConvBatchNormBlock(torch.autograd.Function):
-    """pool(act(BatchNorm(conv(x)))) in training mode without storing conv(x): forward is one
-    block call with the normalisation folded into the weights (scale x w, and shift + scale x b as
-    the bias); backward recomputes the convolution in each of its two passes (see the C++)."""
+    """pool(act(BatchNorm(conv(x)))) in training mode without storing conv(x): forward convolves
+    and normalises chunk by chunk in the core's cache; backward recomputes the convolution in each
+    of its two passes, rounding scale x z + shift as the forward did (see the C++)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, gamma, beta, mean, rstd, n: int, pad: int, act: int, pool: int, k: int):
@@ -434,10 +435,17 @@ class ConvBatchNormBlock(torch.autograd.Function):
         scale = (g * rstd).contiguous()
         shift = (b - mean * scale).contiguous()
         x, w = x.contiguous(), weight.detach().contiguous()
-        folded_bias = shift + bias.detach() * scale if bias is not None else shift
-        out = ConvBlock.forward(ctx, x, w * scale.view(-1, 1, 1, 1), folded_bias, pad, act, pool, k)
-        ctx.save_for_backward(x, w, None if bias is None else bias.detach().contiguous(),  # (replaces ConvBlock's)
-                              scale, shift, mean.contiguous(), rstd.contiguous())
+        bias = None if bias is None else bias.detach().contiguous()
+        cin, h, wd, lanes = x.shape
+        cout, _, ks, _ = w.shape
+        ho, wo = h + 2 * pad - ks + 1, wd - ks + 1
+        _check_shapes(w.shape[1] == cin and ho >= 1 and wo >= 1 and (not pool or (ho >= k and wo >= k))
+                      and x.dtype == w.dtype == torch.float32, "conv + batch norm", x.shape, w.shape)
+        out = torch.empty((cout, ho // k, wo // k, lanes) if pool else (cout, ho, wo, lanes))
+        _check(_need_lib().lenet_bl_conv_affine_forward(_ptr(x), _ptr(w), _ptr(bias), _ptr(scale), _ptr(shift),
+                                                        _ptr(out), cin, h, wd, pad, cout, ks, lanes, act, pool, k),
+               "conv + batch norm", x.shape, w.shape)
+        ctx.save_for_backward(x, w, bias, scale, shift, mean.contiguous(), rstd.contiguous())
         ctx.conf, ctx.n = (pad, act, pool, k), n
         return out
 
@@ -681,8 +689,8 @@ def _conv_stages(layers: list[nn.Module], i: int) -> tuple[list, int]:
     sub = i < len(layers) and isinstance(layers[i], Subsampling) and act != codes.act_none and norm is None
     if sub:
         pool, k = codes.pool_avg, layers[i].size
-    elif i < len(layers) and _pool(layers[i]) is not None:
-        pool, k = _pool(layers[i])
+    elif i < len(layers) and _pool(layers[i]) is not None and (norm is None or _pool(layers[i])[1] in (2, 3)):
+        pool, k = _pool(layers[i])  # (BatchNorm's backward has windows of 2 and 3 compiled in)
     if pool != codes.pool_none:
         i += 1
     first = _ConvNorm(conv, norm, act, pool, k) if norm is not None else _Conv(conv, act, pool, k)

@@ -8,8 +8,9 @@ Two transformations, each drawn afresh for every example of every batch:
 * ``flip``: a mirror image (left-right) for half of the examples. It suits clothes (a left shoe
   mirrored is a right shoe) and not digits (a mirrored 2 is no digit).
 
-The draws come from torch's global RNG, which every checkpoint saves: a resumed run draws the
-same augmentations as the uninterrupted one. Evaluation never augments.
+The draws come from torch's global CPU RNG (also when training on a GPU), which every checkpoint
+saves: a resumed run draws the same augmentations as the uninterrupted one. Evaluation never
+augments.
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ def augment(x: torch.Tensor, shift: int = 0, flip: bool = False) -> torch.Tensor
         return x
     n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
     grid = F.pad(x.reshape(n, -1, h, w), (shift, shift, shift, shift))  # [N, C, H + 2s, W + 2s]
-    wide, dev = w + 2 * shift, x.device
-    dy = torch.randint(0, 2 * shift + 1, (n, 1, 1), device=dev)
-    dx = torch.randint(0, 2 * shift + 1, (n, 1, 1), device=dev)
-    cols = torch.arange(w, device=dev).view(1, 1, w)
+    wide = w + 2 * shift
+    # Drawn on the CPU whatever the device: the CPU generator is the one every checkpoint saves.
+    dy = torch.randint(0, 2 * shift + 1, (n, 1, 1))
+    dx = torch.randint(0, 2 * shift + 1, (n, 1, 1))
+    cols = torch.arange(w).view(1, 1, w)
     if flip:
-        cols = torch.where(torch.rand(n, 1, 1, device=dev) < 0.5, w - 1 - cols, cols)
-    rows = torch.arange(h, device=dev).view(1, h, 1)
-    index = ((rows + dy) * wide + cols + dx).reshape(n, 1, h * w).expand(n, grid.shape[1], h * w)
-    return grid.reshape(n, grid.shape[1], -1).gather(2, index).reshape(x.shape)
+        cols = torch.where(torch.rand(n, 1, 1) < 0.5, w - 1 - cols, cols)
+    rows = torch.arange(h).view(1, h, 1)
+    index = ((rows + dy) * wide + cols + dx).reshape(n, 1, h * w).to(x.device)
+    return grid.reshape(n, grid.shape[1], -1).gather(2, index.expand(n, grid.shape[1], h * w)).reshape(x.shape)

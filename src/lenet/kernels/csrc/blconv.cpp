@@ -530,6 +530,19 @@ static void bn_chunk(const Map& in, const Map& gpm, const Map& out, const std::v
     }
 }
 
+// One chunk of pool(act(s[c] z + t[c])): into out directly without pooling, else through a (the
+// chunk's scratch map, which may be z itself).
+static void affine_chunk(const Map& z, const float* s, const float* t, const Map& a, const Map& out, int act,
+                         int pool, int k) {
+    const Map& dst = pool ? a : out;
+    for (int c = 0; c < z.C; ++c) {
+        const vec sv = splat(s[c]), tv = splat(t[c]);
+        for (int y = 0; y < z.H; ++y)
+            for (int x = 0; x < z.W; ++x) store(dst.at(c, y, x), activate(load(z.at(c, y, x)) * sv + tv, act));
+    }
+    if (pool) pool_chunk(a, out, k, pool == POOL_MAX);
+}
+
 // Adds, per channel c of one chunk z, the sum of its values and of their squares over the lanes
 // that mask keeps (1) to sums[2c] and sums[2c + 1]: float within the chunk, double across chunks.
 static void add_channel_sums(const Map& z, vec mask, std::vector<double>& sums) {
@@ -570,17 +583,45 @@ static void bn_coefficients(const std::vector<double>& sums, const float* s, con
     }
 }
 
-// Called by every thread of a parallel region after pass 1: adds this thread's per-lane sums into
-// sums, waits for all threads, and has one of them compute the coefficients; every thread sees
-// them on return (the single's implicit barrier).
-static void bn_reduce(const std::vector<vec>& mine, std::vector<double>& sums, const float* s, const float* mean,
+// Per-thread double sums added in thread order (not in the order threads finish): the totals are
+// the same in every run with the same thread count.
+struct ThreadSums {
+    std::vector<std::vector<double>> slots;
+    explicit ThreadSums(std::size_t n) : slots(max_threads(), std::vector<double>(n, 0.0)) {}
+    static int max_threads() {
+#ifdef _OPENMP
+        return omp_get_max_threads();
+#else
+        return 1;
+#endif
+    }
+    int T() const { return (int)slots.size(); }
+    std::vector<double>& mine() {
+#ifdef _OPENMP
+        return slots[omp_get_thread_num()];
+#else
+        return slots[0];
+#endif
+    }
+    std::vector<double> total() const {
+        std::vector<double> out(slots[0].size(), 0.0);
+        for (const auto& slot : slots)
+            for (std::size_t i = 0; i < out.size(); ++i) out[i] += slot[i];
+        return out;
+    }
+};
+
+// Called by every thread of a parallel region of sums.T() threads after pass 1: stores this
+// thread's per-lane sums, waits for all threads, and has one of them add them up and compute the
+// coefficients; every thread sees them on return (the single's implicit barrier).
+static void bn_reduce(const std::vector<vec>& mine, ThreadSums& sums, const float* s, const float* mean,
                       const float* rstd, double count, std::vector<BnChannel>& chs, float* ggamma, float* gbeta) {
-#pragma omp critical
-    for (std::size_t i = 0; i < sums.size(); ++i)
-        for (int l = 0; l < V; ++l) sums[i] += mine[i][l];
+    std::vector<double>& slot = sums.mine();
+    for (std::size_t i = 0; i < slot.size(); ++i)
+        for (int l = 0; l < V; ++l) slot[i] += mine[i][l];
 #pragma omp barrier
 #pragma omp single
-    bn_coefficients(sums, s, mean, rstd, count, chs, ggamma, gbeta);
+    bn_coefficients(sums.total(), s, mean, rstd, count, chs, ggamma, gbeta);
 }
 
 extern "C" {
@@ -673,15 +714,31 @@ int lenet_bl_affine_forward(const float* z, const float* s, const float* t, floa
         my_lanes(B, lo, hi);
         std::vector<float> scratch((std::size_t)C * H * W * V);
         Map a = cmap(scratch.data(), C, H, W, V);
+        for (int b0 = lo; b0 < hi; b0 += V)
+            affine_chunk(cmap(z + b0, C, H, W, B), s, t, a, cmap(p + b0, C, Hp, Wp, B), act, pool, k);
+    }
+    return 0;
+}
+
+// The same after a convolution computed chunk by chunk and never stored: p = pool(act(s conv(x) + t)),
+// with s z + t rounded exactly as lenet_bl_conv_bn_backward recomputes it, so that both passes pick
+// the same maximum of every pooling window.
+int lenet_bl_conv_affine_forward(const float* x, const float* w, const float* bias, const float* s, const float* t,
+                                 float* p, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                                 int act, int pool, int k) {
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1)
+        return -1;
+    const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
+    const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> scratch((std::size_t)Cout * Ho * Wo * V);
+        Map z = cmap(scratch.data(), Cout, Ho, Wo, V);
         for (int b0 = lo; b0 < hi; b0 += V) {
-            Map in = cmap(z + b0, C, H, W, B), out = cmap(p + b0, C, Hp, Wp, B);
-            Map dst = pool ? a : out;
-            for (int c = 0; c < C; ++c) {
-                const vec sv = splat(s[c]), tv = splat(t[c]);
-                for (int y = 0; y < H; ++y)
-                    for (int x = 0; x < W; ++x) store(dst.at(c, y, x), activate(load(in.at(c, y, x)) * sv + tv, act));
-            }
-            if (pool) pool_chunk(a, out, k, pool == POOL_MAX);
+            conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
+            affine_chunk(z, s, t, z, cmap(p + b0, Cout, Hp, Wp, B), act, pool, k);  // (in place in the scratch)
         }
     }
     return 0;
@@ -737,17 +794,15 @@ int lenet_bl_affine_backward(const float* z, const float* s, const float* t, con
 // position and the first n lanes: sums in float per chunk, then in double.
 int lenet_bl_channel_stats(const float* z, int C, int H, int W, int B, int n, double* mean, double* var) {
     if (B % V || n < 1 || n > B) return -1;
-    std::vector<double> sums(2 * (std::size_t)C, 0.0);
-#pragma omp parallel
+    ThreadSums sums(2 * (std::size_t)C);
+#pragma omp parallel num_threads(sums.T())
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        std::vector<double> mine(2 * (std::size_t)C, 0.0);
-        for (int b0 = lo; b0 < hi && b0 < n; b0 += V) add_channel_sums(cmap(z + b0, C, H, W, B), lane_mask(b0, n), mine);
-#pragma omp critical
-        for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
+        for (int b0 = lo; b0 < hi && b0 < n; b0 += V)
+            add_channel_sums(cmap(z + b0, C, H, W, B), lane_mask(b0, n), sums.mine());
     }
-    mean_and_var(sums, (double)n * H * W, mean, var);
+    mean_and_var(sums.total(), (double)n * H * W, mean, var);
     return 0;
 }
 
@@ -756,12 +811,12 @@ int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const f
                          const float* gp, float* gz, float* ggamma, float* gbeta,
                          int C, int H, int W, int B, int n, int act, int pool, int k) {
     if (B % V || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
-        || (pool && k > 3)) return -1;  // windows of 2 or 3 compiled in
+        || (pool && k != 2 && k != 3)) return -1;  // windows of 2 or 3 compiled in
     const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
-    std::vector<double> sums(2 * (std::size_t)C, 0.0);  // sum g, sum g z
+    ThreadSums sums(2 * (std::size_t)C);  // sum g, sum g z
     std::vector<BnChannel> chs(C);
     for (int c = 0; c < C; ++c) chs[c] = BnChannel{splat(s[c]), splat(t[c]), vec{}, vec{}, vec{}};
-#pragma omp parallel
+#pragma omp parallel num_threads(sums.T())
     {
         int lo, hi;
         my_lanes(B, lo, hi);
@@ -785,8 +840,8 @@ int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const f
 // A first layer (one input channel) computes few multiply-adds per output but writes a large
 // output: storing conv1's output costs more (it goes to memory at a 1 KB stride) than computing it
 // again in the core's cache. These two entries never store it: the statistics pass computes the
-// convolution chunk by chunk and sums it; the forward pass is lenet_bl_block_forward with the
-// normalisation folded into the weights (s w, and t + s b as the bias); the backward pass
+// convolution chunk by chunk and sums it; the forward pass (lenet_bl_conv_affine_forward, above)
+// convolves chunk by chunk and normalises in the chunk's scratch; the backward pass
 // recomputes the convolution twice, once to sum g and g z and once to form gz in the chunk's
 // scratch buffer, from which the weight (and input) gradients are taken as in a block's backward.
 
@@ -794,22 +849,19 @@ int lenet_bl_conv_stats(const float* x, const float* w, const float* bias, int C
                         int Cout, int K, int B, int n, double* mean, double* var) {
     if (B % V || !supported(K) || n < 1 || n > B) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
-    std::vector<double> sums(2 * (std::size_t)Cout, 0.0);
-#pragma omp parallel
+    ThreadSums sums(2 * (std::size_t)Cout);
+#pragma omp parallel num_threads(sums.T())
     {
         int lo, hi;
         my_lanes(B, lo, hi);
         std::vector<float> z_buf((std::size_t)Cout * Ho * Wo * V);
         Map z = cmap(z_buf.data(), Cout, Ho, Wo, V);
-        std::vector<double> mine(2 * (std::size_t)Cout, 0.0);
         for (int b0 = lo; b0 < hi && b0 < n; b0 += V) {
             conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
-            add_channel_sums(z, lane_mask(b0, n), mine);
+            add_channel_sums(z, lane_mask(b0, n), sums.mine());
         }
-#pragma omp critical
-        for (std::size_t i = 0; i < sums.size(); ++i) sums[i] += mine[i];
     }
-    mean_and_var(sums, (double)n * Ho * Wo, mean, var);
+    mean_and_var(sums.total(), (double)n * Ho * Wo, mean, var);
     return 0;
 }
 
@@ -819,12 +871,12 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
                               int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int n,
                               int act, int pool, int k) {
     if (B % V || !supported(K) || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE
-        || pool > POOL_MAX || k < 1 || (pool && k > 3)) return -1;
+        || pool > POOL_MAX || k < 1 || (pool && k != 2 && k != 3)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
     const std::size_t nw = (std::size_t)Cout * Cin * K * K;
-    std::vector<double> sums(2 * (std::size_t)Cout, 0.0);
+    ThreadSums sums(2 * (std::size_t)Cout);
     std::vector<BnChannel> chs(Cout);
     for (int c = 0; c < Cout; ++c) chs[c] = BnChannel{splat(s[c]), splat(t[c]), vec{}, vec{}, vec{}};
     Partials part(nw + Cout);  // weight gradient, then bias gradient
