@@ -253,6 +253,17 @@ def pad_cols(x: torch.Tensor, pad: int) -> torch.Tensor:
     return F.pad(x, (0, 0, pad, pad)) if pad else x
 
 
+def _conv_output(x: torch.Tensor, w: torch.Tensor, pad: int, pool: int, k: int, what: str) -> torch.Tensor:
+    """The (empty) output of pool(conv(x)) for x: [Cin, H, W, B] with padded columns and ``pad``
+    zero rows, after checking that x and the weight w fit each other and the pool."""
+    cin, h, wd, n = x.shape
+    cout, _, ks, _ = w.shape
+    ho, wo = h + 2 * pad - ks + 1, wd - ks + 1
+    _check_shapes(w.shape[1] == cin and ho >= 1 and wo >= 1 and (not pool or (ho >= k and wo >= k))
+                  and x.dtype == w.dtype == torch.float32, what, x.shape, w.shape)
+    return torch.empty((cout, ho // k, wo // k, n) if pool else (cout, ho, wo, n))
+
+
 class ConvBlock(torch.autograd.Function):
     """pool(act(conv(x) + bias)) and its backward pass, each one call into the kernels.
 
@@ -270,10 +281,7 @@ class ConvBlock(torch.autograd.Function):
         b = None if bias is None else bias.detach().contiguous()
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
-        ho, wo = h + 2 * pad - ks + 1, wd - ks + 1
-        _check_shapes(w.shape[1] == cin and ho >= 1 and wo >= 1 and (not pool or (ho >= k and wo >= k))
-                      and x.dtype == w.dtype == torch.float32, "conv block", x.shape, w.shape)
-        out = torch.empty((cout, ho // k, wo // k, n) if pool else (cout, ho, wo, n))
+        out = _conv_output(x, w, pad, pool, k, "conv block")
         _check(_need_lib().lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), cin, h, wd, pad, cout,
                                                    ks, n, act, pool, k), "conv block", x.shape, w.shape)
         ctx.save_for_backward(x, w, b)
@@ -438,10 +446,7 @@ class ConvBatchNormBlock(torch.autograd.Function):
         bias = None if bias is None else bias.detach().contiguous()
         cin, h, wd, lanes = x.shape
         cout, _, ks, _ = w.shape
-        ho, wo = h + 2 * pad - ks + 1, wd - ks + 1
-        _check_shapes(w.shape[1] == cin and ho >= 1 and wo >= 1 and (not pool or (ho >= k and wo >= k))
-                      and x.dtype == w.dtype == torch.float32, "conv + batch norm", x.shape, w.shape)
-        out = torch.empty((cout, ho // k, wo // k, lanes) if pool else (cout, ho, wo, lanes))
+        out = _conv_output(x, w, pad, pool, k, "conv + batch norm")
         _check(_need_lib().lenet_bl_conv_affine_forward(_ptr(x), _ptr(w), _ptr(bias), _ptr(scale), _ptr(shift),
                                                         _ptr(out), cin, h, wd, pad, cout, ks, lanes, act, pool, k),
                "conv + batch norm", x.shape, w.shape)
