@@ -66,10 +66,12 @@ def pool_of(name: str):
             "max": (c.pool_max, F.max_pool2d)}[name]
 
 
-def _block_against_pytorch(cin, cout, size, k, pad, batch, act="none", pool="none", window=2):
+def _block_against_pytorch(cin, cout, size, k, pad, batch, act="none", pool="none", window=2, keep=False):
     g = torch.Generator().manual_seed(cin * 100 + k + size)
     x = torch.randn(batch, cin, size, size, generator=g, requires_grad=True)
-    w = torch.randn(cout, cin, k, k, generator=g, requires_grad=True)
+    # Weights at an initialised layer's scale: saturated activations would tie in max pooling
+    # (equal in float32, a coin toss between PyTorch's rounding and the kernels').
+    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).requires_grad_()
     b = torch.randn(cout, generator=g, requires_grad=True)
     (act_code, act_fn), (pool_code, pool_fn) = act_of(act), pool_of(pool)
     want = pool_fn(act_fn(F.conv2d(x, w, b, padding=pad)), window)
@@ -80,7 +82,7 @@ def _block_against_pytorch(cin, cout, size, k, pad, batch, act="none", pool="non
         t.grad = None
 
     xb = _to_bl(x.detach()).requires_grad_()
-    got = blconv.ConvBlock.apply(blconv.pad_cols(xb, pad), w, b, pad, act_code, pool_code, window)
+    got = blconv.ConvBlock.apply(blconv.pad_cols(xb, pad), w, b, pad, act_code, pool_code, window, keep)
     got.backward(_to_bl(grad))
     torch.testing.assert_close(_from_bl(got.detach()), want.detach(), rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_from_bl(xb.grad), want_grads[0], rtol=1e-4, atol=1e-4)
@@ -103,12 +105,32 @@ def test_convolution_and_gradients_equal_pytorch(cin, cout, size, k, pad, batch)
 
 
 @needs_kernels
-@pytest.mark.parametrize("act", ["sigmoid", "tanh", "relu", "scaled_tanh"])
-@pytest.mark.parametrize("pool,window,size", [("avg", 2, 14), ("max", 2, 14), ("avg", 3, 11), ("max", 2, 9),
-                                              ("none", 1, 10)])
-def test_fused_activation_and_pooling_equal_pytorch(act, pool, window, size):
-    """Odd sizes check the floor of pooling: the cells it drops get zero gradient."""
-    _block_against_pytorch(3, 6, size, 3, 1, 32, act, pool, window)
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
+@pytest.mark.parametrize("act", ["none", "sigmoid", "tanh", "relu", "scaled_tanh"])
+@pytest.mark.parametrize("pool,window,size", [("avg", 2, 14), ("max", 2, 14), ("avg", 3, 11), ("max", 3, 11),
+                                              ("max", 2, 9), ("none", 1, 10)])
+def test_fused_activation_and_pooling_equal_pytorch(act, pool, window, size, keep):
+    """Odd sizes check the floor of pooling: the cells it drops get zero gradient. The backward
+    pass either recomputes the activation or reads the one the forward pass kept: both exact."""
+    _block_against_pytorch(3, 6, size, 3, 1, 32, act, pool, window, keep)
+
+
+@needs_kernels
+def test_blocks_beyond_the_fan_in_limit_keep_their_activation():
+    """conv2 (fan-in 150) keeps its activation for the backward pass while training; conv1 (25)
+    recomputes it; nothing is kept without gradients (evaluation)."""
+    seen = []
+    real = blconv.ConvBlock.apply
+    net, _ = blconv.batch_last(create_model("classic"))
+    x = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8)
+    try:
+        blconv.ConvBlock.apply = lambda *args: seen.append(args[-1]) or real(*args)
+        net(x).sum().backward()
+        with torch.no_grad():
+            net(x)
+    finally:
+        blconv.ConvBlock.apply = real
+    assert seen == [False, True, False, False]
 
 
 @needs_kernels

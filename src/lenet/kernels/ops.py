@@ -133,8 +133,8 @@ def library() -> ctypes.CDLL | None:
         _problem = f"building the batch-last kernels failed ({exc})"
         return None
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
-    lib.lenet_bl_block_forward.argtypes = ptrs * 4 + ints * 10
-    lib.lenet_bl_block_backward.argtypes = ptrs * 8 + ints * 10
+    lib.lenet_bl_block_forward.argtypes = ptrs * 5 + ints * 10
+    lib.lenet_bl_block_backward.argtypes = ptrs * 9 + ints * 10
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
@@ -268,29 +268,31 @@ class ConvBlock(torch.autograd.Function):
     """pool(act(conv(x) + bias)) and its backward pass, each one call into the kernels.
 
     x: [Cin, H, W, B] with its columns padded (see :func:`pad_cols`), ``pad`` zero rows; act and
-    pool are codes of :func:`constants`; k the pool window (= stride). Only
-    x and the parameters are kept for the backward pass: the kernels recompute the activation
-    there, 16 examples at a time in the core's cache, which is cheaper than writing it to memory
-    and reading it back (4.8 MB per batch of 256 for conv1).
+    pool are codes of :func:`constants`; k the pool window (= stride). ``keep``: store the
+    activation before the pool for the backward pass (see :func:`keeps_activation`); otherwise
+    the kernels recompute it there, 16 examples at a time in the core's cache.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int):
+    def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False):
         x = x.contiguous()
         w = weight.detach().contiguous()
         b = None if bias is None else bias.detach().contiguous()
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
         out = _conv_output(x, w, pad, pool, k, "conv block")
-        _check(_need_lib().lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), cin, h, wd, pad, cout,
-                                                   ks, n, act, pool, k), "conv block", x.shape, w.shape)
-        ctx.save_for_backward(x, w, b)
+        c = constants()
+        keep = keep and pool != c.pool_none and (act != c.act_none or pool == c.pool_max)  # else nothing to keep
+        kept = torch.empty(cout * (h + 2 * pad - ks + 1) * (wd - ks + 1) * n) if keep else None
+        _check(_need_lib().lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), cin, h, wd, pad,
+                                                   cout, ks, n, act, pool, k), "conv block", x.shape, w.shape)
+        ctx.save_for_backward(x, w, b, kept)
         ctx.conf = (pad, act, pool, k)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, b = ctx.saved_tensors
+        x, w, b, kept = ctx.saved_tensors
         pad, act, pool, k = ctx.conf
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
@@ -301,9 +303,17 @@ class ConvBlock(torch.autograd.Function):
         grad_w = torch.empty_like(w)
         grad_b = torch.empty(cout) if b is not None else None
         _check(_need_lib().lenet_bl_block_backward(
-            _ptr(x), _ptr(w), _ptr(b), _ptr(flipped), _ptr(grad), _ptr(grad_x), _ptr(grad_w), _ptr(grad_b),
-            cin, h, wd, pad, cout, ks, n, act, pool, k), "conv block backward", x.shape, grad.shape)
-        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None
+            _ptr(x), _ptr(w), _ptr(b), _ptr(flipped), _ptr(kept), _ptr(grad), _ptr(grad_x), _ptr(grad_w),
+            _ptr(grad_b), cin, h, wd, pad, cout, ks, n, act, pool, k), "conv block backward", x.shape, grad.shape)
+        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None
+
+
+def keeps_activation(weight: torch.Tensor) -> bool:
+    """Whether a conv block with this weight stores its activation for the backward pass rather
+    than recomputing it there: when the conv costs more than RECOMPUTE_FAN_IN multiply-adds per
+    output. A first layer (fan-in 25) is cheaper to recompute in the core's cache than to write to
+    memory and read back (4.8 MB per batch of 256 for conv1); conv2 (fan-in 150) is not."""
+    return weight[0].numel() > RECOMPUTE_FAN_IN
 
 
 class DenseBlock(torch.autograd.Function):
@@ -509,7 +519,8 @@ class _Conv:
             out = DenseBlock.apply(h.reshape(-1, h.shape[-1]), w.reshape(w.shape[0], -1), self.conv.bias, self.act)
             return out.view(w.shape[0], 1, 1, -1)
         h = h if self.padded else pad_cols(h, self.pad)
-        return ConvBlock.apply(h, w, self.conv.bias, self.pad, self.act, self.pool, self.k)
+        keep = torch.is_grad_enabled() and keeps_activation(w)
+        return ConvBlock.apply(h, w, self.conv.bias, self.pad, self.act, self.pool, self.k, keep)
 
 
 class _ConvNorm(_Conv):
@@ -530,7 +541,7 @@ class _ConvNorm(_Conv):
             shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
             shift = shift + bias * scale if bias is not None else shift
             return ConvBlock.apply(h, w * scale.view(-1, 1, 1, 1), shift, self.pad, *self.after)
-        if w[0].numel() <= RECOMPUTE_FAN_IN:  # recomputing the conv costs less than storing its output
+        if not keeps_activation(w):  # recomputing the conv costs less than storing its output
             mean, var = conv_stats(h, w, bias, self.pad, n)
             self._track(mean, var, n * (h.shape[1] + 2 * self.pad - w.shape[2] + 1) * (h.shape[2] - w.shape[3] + 1))
             return ConvBatchNormBlock.apply(h, w, bias, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n,
@@ -546,7 +557,8 @@ class _ConvNorm(_Conv):
 
 
 # A conv whose kernel reads at most this many inputs (in_channels x k x k: a first layer's 5x5 on
-# one channel) is recomputed in BatchNorm's passes rather than stored (measured in speed-notes.md).
+# one channel) is recomputed in the backward pass (and in BatchNorm's passes) rather than its
+# output stored (measured in speed-notes.md).
 RECOMPUTE_FAN_IN = 25
 
 

@@ -302,43 +302,51 @@ static void pool_chunk(const Map& a, const Map& p, int k, bool is_max) {
 // gz (a's rows, at column goff of rows gz.W wide; all other columns zero) = the gradient of the
 // block's output gp sent back through the pool, times act'(a). Average pooling spreads it evenly;
 // max pooling sends it to the first maximum of each window in row-major order (as PyTorch's
-// max_pool2d does); cells the pool does not cover (the floor) get zero.
+// max_pool2d does); cells the pool does not cover (the floor) get zero. Window by window: each
+// cell of a is read twice (for the window's maximum, then for its own gradient).
 static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, int goff, int pool, int k, int act) {
-    const int Hp = pool ? a.H / k : a.H, Wp = pool ? a.W / k : a.W;
-    const float inv = pool ? 1.0f / (k * k) : 1.0f;
-    for (int c = 0; c < a.C; ++c)
-        for (int y = 0; y < a.H; ++y) {
+    const bool need_a = act != ACT_NONE || pool == POOL_MAX;  // (a is not read otherwise)
+    auto put = [&](int c, int y, int x, vec g) {
+        store(gz.at(c, y, goff + x), g * activation_grad(need_a ? load(a.at(c, y, x)) : vec{}, act));
+    };
+    for (int c = 0; c < a.C; ++c) {
+        for (int y = 0; y < a.H; ++y) {  // the padding columns
             for (int x = 0; x < goff; ++x) store(gz.at(c, y, x), vec{});
             for (int x = goff + a.W; x < gz.W; ++x) store(gz.at(c, y, x), vec{});
-            for (int x = 0; x < a.W; ++x) {
-                vec av = act == ACT_NONE && pool != POOL_MAX ? vec{} : load(a.at(c, y, x));  // (a unused: not read)
-                vec g = vec{};
-                if (!pool) {
-                    g = load(gp.at(c, y, x));
-                } else if (y < Hp * k && x < Wp * k) {
-                    const int i = y / k, j = x / k;
-                    g = load(gp.at(c, i, j));
-                    if (pool == POOL_AVG) {
-                        g = g * inv;
-                    } else {  // max: is (y, x) the first position of its window holding the maximum?
-                        vec m = load(a.at(c, i * k, j * k));
-                        for (int di = 0; di < k; ++di)
-                            for (int dj = 0; dj < k; ++dj) {
-                                vec v = load(a.at(c, i * k + di, j * k + dj));
-                                m = (v > m) | (v != v) ? v : m;
-                            }
-                        ivec earlier = ivec{};
-                        for (int di = 0; di < k; ++di)
-                            for (int dj = 0; dj < k; ++dj) {
-                                const int yy = i * k + di, xx = j * k + dj;
-                                if (yy * a.W + xx < y * a.W + x) earlier |= load(a.at(c, yy, xx)) == m;
-                            }
-                        g = ((av == m) & ~earlier) ? g : vec{};
-                    }
-                }
-                store(gz.at(c, y, goff + x), g * activation_grad(av, act));
-            }
         }
+        if (!pool) {
+            for (int y = 0; y < a.H; ++y)
+                for (int x = 0; x < a.W; ++x) put(c, y, x, load(gp.at(c, y, x)));
+            continue;
+        }
+        const int Hp = a.H / k, Wp = a.W / k;
+        for (int y = 0; y < a.H; ++y)  // the floor: cells no window covers
+            for (int x = (y < Hp * k ? Wp * k : 0); x < a.W; ++x) store(gz.at(c, y, goff + x), vec{});
+        const vec inv = splat(1.0f / (k * k));
+        for (int i = 0; i < Hp; ++i)
+            for (int j = 0; j < Wp; ++j) {
+                const vec g = load(gp.at(c, i, j));
+                if (pool == POOL_AVG) {
+                    for (int di = 0; di < k; ++di)
+                        for (int dj = 0; dj < k; ++dj) put(c, i * k + di, j * k + dj, g * inv);
+                    continue;
+                }
+                vec m = load(a.at(c, i * k, j * k));  // max: the window's maximum (a NaN wins, as in the forward)
+                for (int di = 0; di < k; ++di)
+                    for (int dj = 0; dj < k; ++dj) {
+                        vec v = load(a.at(c, i * k + di, j * k + dj));
+                        m = (v > m) | (v != v) ? v : m;
+                    }
+                ivec taken = ivec{};  // lanes whose first maximum has been passed
+                for (int di = 0; di < k; ++di)
+                    for (int dj = 0; dj < k; ++dj) {
+                        const int y = i * k + di, x = j * k + dj;
+                        const ivec first = (load(a.at(c, y, x)) == m) & ~taken;
+                        taken |= first;
+                        put(c, y, x, first ? g : vec{});
+                    }
+            }
+    }
 }
 
 
@@ -638,25 +646,34 @@ int lenet_bl_constants(int* out, int n) {
     return (int)c.size();
 }
 
+// The activation of a pooled block, kept for the backward pass (`kept`, see below), is stored
+// chunk by chunk: chunk b0 / 16 is one [Cout][Ho][Wo][16] scratch map, written and read contiguously.
+static inline Map kept_chunk(const float* kept, int b0, int C, int H, int W) {
+    return cmap(kept + (std::size_t)(b0 / V) * C * H * W * V, C, H, W, V);
+}
+
 // A block's forward pass: p = pool(act(conv(x) + bias)); pool 0 none, 1 average, 2 max (k x k).
-int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p,
+// With `kept` (pooled blocks only), the activation before the pool is written there for
+// lenet_bl_block_backward, which then does not recompute it.
+int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p, float* kept,
                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                            int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
+        || (kept && !pool)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
 #pragma omp parallel
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        std::vector<float> scratch(pool ? (std::size_t)Cout * Ho * Wo * V : 0);
+        std::vector<float> scratch(pool && !kept ? (std::size_t)Cout * Ho * Wo * V : 0);
         for (int b0 = lo; b0 < hi; b0 += V) {
             Map in = cmap(x + b0, Cin, Hin, Win, B), out = cmap(p + b0, Cout, Hp, Wp, B);
             if (!pool) {
                 conv_any(in, w, bias, out, K, pad, act);
                 continue;
             }
-            Map a = cmap(scratch.data(), Cout, Ho, Wo, V);
+            Map a = kept ? kept_chunk(kept, b0, Cout, Ho, Wo) : cmap(scratch.data(), Cout, Ho, Wo, V);
             conv_any(in, w, bias, a, K, pad, act);
             pool_chunk(a, out, k, pool == POOL_MAX);
         }
@@ -669,10 +686,11 @@ int lenet_bl_block_forward(const float* x, const float* w, const float* bias, fl
 // [Cin][Cout][K][K]). The activation is recomputed chunk by chunk, not kept from the forward pass
 // (measured: keeping conv2's gains nothing, keeping conv1's costs 4.8 MB of memory traffic).
 int lenet_bl_block_backward(const float* x, const float* w, const float* bias, const float* wflip,
-                            const float* gp, float* gx, float* gw, float* gb,
+                            const float* kept, const float* gp, float* gx, float* gw, float* gb,
                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                             int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
+        || (kept && !pool)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
@@ -683,11 +701,12 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
         int lo, hi;
         my_lanes(B, lo, hi);
         std::vector<vec> acc(nw + Cout, vec{});  // weight, then bias gradient, per lane
-        std::vector<float> a_buf((std::size_t)Cout * Ho * Wo * V), gz_buf((std::size_t)Cout * Ho * gcols * V);
+        std::vector<float> a_buf(kept ? 0 : (std::size_t)Cout * Ho * Wo * V), gz_buf((std::size_t)Cout * Ho * gcols * V);
         Map a = cmap(a_buf.data(), Cout, Ho, Wo, V), gz = cmap(gz_buf.data(), Cout, Ho, gcols, V);
         for (int b0 = lo; b0 < hi; b0 += V) {
             Map in = cmap(x + b0, Cin, Hin, Win, B);
-            if (act != ACT_NONE || pool == POOL_MAX) conv_any(in, w, bias, a, K, pad, act);  // else a is not needed
+            if (kept) a = kept_chunk(kept, b0, Cout, Ho, Wo);
+            else if (act != ACT_NONE || pool == POOL_MAX) conv_any(in, w, bias, a, K, pad, act);  // else a is not needed
             act_pool_backward_chunk(cmap(gp + b0, Cout, Hp, Wp, B), a, gz, goff, pool, k, act);
             wgrad_any(in, gz, K, goff, pad, acc.data());
             for (int c = 0; c < Cout; ++c)
