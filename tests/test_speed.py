@@ -332,3 +332,21 @@ def test_train_stop_ends_after_the_epoch_it_says_so():
     result = train(TrainConfig(epochs=6, lr=0.5), data=synthetic_dataset(256, 64),
                    stop=lambda m: seen.append(m.epoch) or m.epoch == 2)
     assert seen == [1, 2] and len(result.history) == 2
+
+
+@pytest.mark.parametrize("reference_acc,informative", [(0.1, False), (0.1127, False), (0.80, True)])
+def test_bench_says_when_the_same_learning_check_says_nothing(monkeypatch, reference_acc, informative):
+    """Both arms diverging (at chance) pass the loss/accuracy check trivially: the summary says so."""
+    from lenet.experiments import bench
+
+    def fake_arm(arm, spec, **extra):  # what a child process reports, for the summary's logic alone
+        acc = reference_acc if arm == "torchconv" else reference_acc + 0.001
+        return {"train_loss": 2.3, "train_acc": acc, "test_acc": acc, "classes": 10, "train_time_s": 1.0,
+                "examples": 1000, "eval_images_per_sec": 1e4, "peak_rss_mb": 100.0}
+
+    monkeypatch.setattr(bench, "run_arm", fake_arm)
+    monkeypatch.setattr(bench, "practical_peak", lambda n=4096: {"macs_per_sec": 1e11, "threads": 2, "n": n})
+    result = bench.compare(bench.BenchSpec(), [0], ("torchconv", "engine"), log=lambda s: None)
+    assert result["same_learning"]["informative"] is informative
+    assert result["same_learning"]["test_acc_ok"] and result["same_learning"]["train_loss_ok"]
+    assert ("not informative: torchconv ends at chance" in bench.format_summary(result)) is not informative

@@ -151,6 +151,7 @@ def run_plain(spec: BenchSpec) -> dict[str, Any]:
         test_acc = _book_evaluate(net, test_iter, device)
     rate = _best_rate(lambda: _book_evaluate(net, test_iter, device), len(data.test), device)
     return {"train_loss": metric[0] / metric[2], "train_acc": metric[1] / metric[2], "test_acc": test_acc,
+            "classes": data.num_classes,
             "train_time_s": sum(epochs), "examples": metric[2] * spec.epochs, "epoch_times_s": epochs,
             "eval_images_per_sec": rate, "threads": torch.get_num_threads(), "device": str(device),
             **_peak_memory(device)}
@@ -177,7 +178,7 @@ def run_engine(spec: BenchSpec) -> dict[str, Any]:
                           batch_size=cfg.eval_batch_size)
     test_x, test_y = data.test.images.to(device), data.test.labels.to(device)
     rate = _best_rate(lambda: evaluator.correct(test_x, test_y).item(), len(data.test), device)
-    return {"train_loss": f.train_loss, "train_acc": f.train_acc, "test_acc": f.test_acc,
+    return {"train_loss": f.train_loss, "train_acc": f.train_acc, "test_acc": f.test_acc, "classes": data.num_classes,
             "train_time_s": result.train_time_s, "examples": result.examples_seen,
             "epoch_times_s": [h.epoch_time_s for h in result.history], "eval_images_per_sec": rate,
             "threads": torch.get_num_threads(), "device": str(device), "conv": evaluator.conv,
@@ -349,8 +350,11 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
     reference = next((arm for arm in ("torchconv", "plain") if arm in summary), None)
     if reference and "engine" in summary:
         p, e = summary[reference], summary["engine"]
+        chance = 1.0 / rows[0]["classes"]
         out["same_learning"] = {"reference": reference, "train_loss_ok": e["train_loss"] <= p["train_loss"] + 0.02,
-                                "test_acc_ok": e["test_acc"] >= p["test_acc"] - 0.01}
+                                "test_acc_ok": e["test_acc"] >= p["test_acc"] - 0.01,
+                                # Two arms that both diverged (at chance) agree, and that says nothing.
+                                "informative": p["test_acc"] > 1.5 * chance, "chance": chance}
         out["ratios"] = {"train": e["train_examples_per_sec"] / p["train_examples_per_sec"],
                          "eval": e["eval_images_per_sec"] / p["eval_images_per_sec"], "reference": reference}
         if "plain" in summary:
@@ -398,6 +402,9 @@ def format_summary(result: dict[str, Any]) -> str:
                   f"(allowed <= +0.02: {'yes' if ok['train_loss_ok'] else 'NO'}), test acc "
                   f"{e['test_acc']:.4f} vs {ref} {p['test_acc']:.4f} "
                   f"(allowed >= -0.01: {'yes' if ok['test_acc_ok'] else 'NO'})"]
+        if not ok.get("informative", True):
+            lines.append(f"  not informative: {ref} ends at chance ({p['test_acc']:.4f}, chance {ok['chance']:.4f}): "
+                         f"this recipe diverges for this model; check with a smaller --lr (e.g. 0.05)")
     return "\n".join(lines)
 
 
