@@ -180,6 +180,9 @@ def test_bench_quick_prints_table_and_ratios(tmp_path):
         rate = result["macs_per_example"]["train"] * s["median_train_examples_per_sec"]
         assert s["train_macs_per_sec"] == pytest.approx(rate)
         assert s["fraction_of_peak"] == pytest.approx(rate / result["practical_peak"]["macs_per_sec"])
+    samples = result["practical_peak"]["samples"]  # before the first run and after each of the 4
+    assert len(samples) == 5 and result["practical_peak"]["macs_per_sec"] == pytest.approx(sorted(samples)[2])
+    assert "the median of 5 measurements before and between the runs" in text
     assert "multiply-accumulates per training example (3 x 416,520 forward" in text
     assert "of the practical peak" in text
 

@@ -319,7 +319,10 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
             log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run every arm for every seed (alternating) and return per-run rows and per-arm summaries,
     with each arm's multiply-accumulate rate against the practical peak measured in this run."""
-    peak = practical_peak(n=1024 if spec.quick else 4096)  # --quick checks the machinery, nothing more
+    # The peak is measured before the first run and after each one, and its median used: the
+    # machine's speed drifts during a benchmark, and a single measurement would catch one moment.
+    size = 1024 if spec.quick else 4096  # --quick checks the machinery, nothing more
+    peaks = [practical_peak(n=size)]
     macs = training_macs(spec.model, spec.overrides)
     rows: list[dict[str, Any]] = []
     for k, seed in enumerate(seeds):
@@ -330,6 +333,9 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
             r.update(arm=arm, seed=seed)
             rows.append(r)
             log(_row_line(r))
+            peaks.append(practical_peak(n=size))
+    samples = [p["macs_per_sec"] for p in peaks]
+    peak = {**peaks[0], "macs_per_sec": statistics.median(samples), "samples": samples}
     summary = {}
     for arm in arms:
         mine = [r for r in rows if r["arm"] == arm]
@@ -375,6 +381,13 @@ def _row_line(r: dict[str, Any]) -> str:
             f"{r['train_loss']:>10.4f} {r['train_acc']:>9.4f} {r['test_acc']:>8.4f} {mem}")
 
 
+def _spread(samples: list[float]) -> str:
+    if len(samples) < 2:
+        return ""
+    return (f" (the median of {len(samples)} measurements before and between the runs, "
+            f"{min(samples) / 1e9:.1f}-{max(samples) / 1e9:.1f})")
+
+
 def format_summary(result: dict[str, Any]) -> str:
     lines = ["", f"{'mean':<9} {'':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
                  f"{'train acc':>9} {'test acc':>8} {'peak RSS MB':>11}"]
@@ -387,7 +400,7 @@ def format_summary(result: dict[str, Any]) -> str:
         lines += ["", f"arithmetic: {m['train']:,} multiply-accumulates per training example (3 x {m['forward']:,} "
                       f"forward, less the first layer's input gradient, {m['first_layer']:,}); practical peak: "
                       f"torch.mm {peak['n']}x{peak['n']} fp32 on {peak['threads']} threads, "
-                      f"{peak['macs_per_sec'] / 1e9:.1f} GMAC/s"]
+                      f"{peak['macs_per_sec'] / 1e9:.1f} GMAC/s" + _spread(peak.get("samples", []))]
         lines += [f"{arm:<9} {s['train_macs_per_sec'] / 1e9:6.1f} GMAC/s in training (the median run) = "
                   f"{s['fraction_of_peak']:.0%} of the practical peak" for arm, s in result["summary"].items()]
     if "ratios" in result:
