@@ -15,10 +15,11 @@
 //
 // A LeNet "block" is pool(act(conv(x) + b)). The block kernels below work through the batch 16
 // examples (one chunk) at a time, each thread on its own chunks, with the chunk's activation and
-// gradient maps in a small per-thread scratch buffer that stays in the core's L2 cache. The
-// activation is not kept for the backward pass but recomputed there: for LeNet's first block that
-// is 4.8 MB per batch of 256 that never goes to memory and back, which is what bounded the
-// unfused kernels (memory traffic, not arithmetic: see docs/speed-notes.md).
+// gradient maps in a small per-thread scratch buffer that stays in the core's L2 cache. A first
+// layer's activation is not kept for the backward pass but recomputed there: for LeNet's first
+// block that is 4.8 MB per batch of 256 that never goes to memory and back, which is what bounded
+// the unfused kernels (memory traffic, not arithmetic: see docs/speed-notes.md). Later blocks
+// (6x the multiply-adds per output) keep theirs, chunk by chunk (`kept`), when the caller asks.
 //
 // Built at first use by lenet/kernels/ops.py with `g++ -O3 -march=native -fopenmp`; plain C ABI.
 
@@ -683,8 +684,8 @@ int lenet_bl_block_forward(const float* x, const float* w, const float* bias, fl
 
 // A block's backward pass, given x, the parameters and gp (the gradient of the block's output):
 // gw, gb (if not null) and gx (if not null; it needs wflip = w flipped and transposed:
-// [Cin][Cout][K][K]). The activation is recomputed chunk by chunk, not kept from the forward pass
-// (measured: keeping conv2's gains nothing, keeping conv1's costs 4.8 MB of memory traffic).
+// [Cin][Cout][K][K]). The activation is read from `kept` (written by lenet_bl_block_forward) or,
+// without it, recomputed chunk by chunk (cheaper for a first layer: speed-notes.md sections 10e, 12).
 int lenet_bl_block_backward(const float* x, const float* w, const float* bias, const float* wflip,
                             const float* kept, const float* gp, float* gx, float* gw, float* gb,
                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
