@@ -104,33 +104,76 @@ def test_convolution_and_gradients_equal_pytorch(cin, cout, size, k, pad, batch)
     _block_against_pytorch(cin, cout, size, k, pad, batch)
 
 
+POOLS = [("avg", 2, 14), ("max", 2, 14), ("avg", 3, 11), ("max", 3, 11), ("max", 2, 9), ("none", 1, 10)]
+
+
+def _keeps(act: str, pool: str) -> bool:  # a pooled block whose backward needs its activation
+    return pool != "none" and (act != "none" or pool == "max")
+
+
 @needs_kernels
 @pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept"])
-@pytest.mark.parametrize("act", ["none", "sigmoid", "tanh", "relu", "scaled_tanh"])
-@pytest.mark.parametrize("pool,window,size", [("avg", 2, 14), ("max", 2, 14), ("avg", 3, 11), ("max", 3, 11),
-                                              ("max", 2, 9), ("none", 1, 10)])
+@pytest.mark.parametrize("act,pool,window,size", [(a, *p) for a in ("none", "sigmoid", "tanh", "relu", "scaled_tanh")
+                                                  for p in POOLS])
 def test_fused_activation_and_pooling_equal_pytorch(act, pool, window, size, keep):
     """Odd sizes check the floor of pooling: the cells it drops get zero gradient. The backward
     pass either recomputes the activation or reads the one the forward pass kept: both exact."""
+    if keep and not _keeps(act, pool):
+        keep = False  # (nothing to keep: the same case as "recomputed")
     _block_against_pytorch(3, 6, size, 3, 1, 32, act, pool, window, keep)
 
 
 @needs_kernels
-def test_blocks_beyond_the_fan_in_limit_keep_their_activation():
+@pytest.mark.parametrize("act,pool", [("sigmoid", "avg"), ("relu", "max"), ("none", "max")])
+@pytest.mark.parametrize("batch", [48, 16])  # 3 chunks over 2 threads; one chunk, one thread idle
+def test_the_backward_pass_reads_the_kept_activation(act, pool, batch):
+    """The kept activation is what the backward pass uses: exact against PyTorch at an uneven
+    split of the batch's chunks, and with the kept maps overwritten, the gradients change."""
+    _block_against_pytorch(6, 16, 14, 5, 0, batch, act, pool, 2, keep=True)
+    x = torch.randn(6, 14, 14, batch, requires_grad=True)
+    w = (torch.randn(16, 6, 5, 5) / 150 ** 0.5).requires_grad_()
+    grads = []
+    for poison in (False, True):
+        out = blconv.ConvBlock.apply(x, w, None, 0, act_of(act)[0], pool_of(pool)[0], 2, True)
+        kept = out.grad_fn.saved_tensors[3]
+        assert kept is not None and kept.numel() == 16 * 10 * 10 * batch
+        if poison:
+            kept.data.fill_(0.5)  # every window a tie, every derivative a constant
+        x.grad = w.grad = None
+        out.backward(torch.ones_like(out))
+        grads.append((x.grad.clone(), w.grad.clone()))
+    assert not torch.allclose(grads[0][0], grads[1][0]) and not torch.allclose(grads[0][1], grads[1][1])
+
+
+@needs_kernels
+def test_blocks_beyond_the_fan_in_limit_keep_their_activation(monkeypatch):
     """conv2 (fan-in 150) keeps its activation for the backward pass while training; conv1 (25)
     recomputes it; nothing is kept without gradients (evaluation)."""
     seen = []
     real = blconv.ConvBlock.apply
     net, _ = blconv.batch_last(create_model("classic"))
     x = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8)
-    try:
-        blconv.ConvBlock.apply = lambda *args: seen.append(args[-1]) or real(*args)
-        net(x).sum().backward()
-        with torch.no_grad():
-            net(x)
-    finally:
-        blconv.ConvBlock.apply = real
+    monkeypatch.setattr(blconv.ConvBlock, "apply", lambda *args: seen.append(args[-1]) or real(*args))
+    out = net(x)
+    assert [n.saved_tensors[3] is not None for n in _conv_block_nodes(out)] == [True, False]  # conv2, then conv1
+    out.sum().backward()
+    with torch.no_grad():
+        net(x)
     assert seen == [False, True, False, False]
+
+
+def _conv_block_nodes(out: torch.Tensor) -> list:
+    """The ConvBlock nodes of out's graph, from the output back."""
+    found, todo, seen = [], [out.grad_fn], set()
+    while todo:
+        node = todo.pop(0)
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if type(node).__name__ == "ConvBlockBackward":
+            found.append(node)
+        todo.extend(n for n, _ in node.next_functions)
+    return found
 
 
 @needs_kernels
@@ -299,9 +342,12 @@ def test_max_pool_ties_go_to_the_first_maximum_like_pytorch():
     want.sum().backward()
     want_b = b.grad.clone()
     b.grad = None
-    got = blconv.ConvBlock.apply(blconv.pad_cols(_to_bl(x.detach()), 1), w, b, 1, act_of("relu")[0], pool_of("max")[0], 2)
-    got.sum().backward()
-    torch.testing.assert_close(b.grad, want_b)  # 9 windows x 16 examples for channel 1, not 4x that
+    for keep in (False, True):
+        b.grad = None
+        got = blconv.ConvBlock.apply(blconv.pad_cols(_to_bl(x.detach()), 1), w, b, 1, act_of("relu")[0],
+                                     pool_of("max")[0], 2, keep)
+        got.sum().backward()
+        torch.testing.assert_close(b.grad, want_b)  # 9 windows x 16 examples for channel 1, not 4x that
 
 
 @needs_kernels

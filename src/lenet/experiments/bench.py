@@ -360,7 +360,7 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
         out["same_learning"] = {"reference": reference, "train_loss_ok": e["train_loss"] <= p["train_loss"] + 0.02,
                                 "test_acc_ok": e["test_acc"] >= p["test_acc"] - 0.01,
                                 # Two arms that both diverged (at chance) agree, and that says nothing.
-                                "informative": p["test_acc"] > 1.5 * chance, "chance": chance}
+                                "informative": p["test_acc"] > chance + 0.05, "chance": chance}
         out["ratios"] = {"train": e["train_examples_per_sec"] / p["train_examples_per_sec"],
                          "eval": e["eval_images_per_sec"] / p["eval_images_per_sec"], "reference": reference}
         if "plain" in summary:

@@ -283,7 +283,7 @@ class ConvBlock(torch.autograd.Function):
         out = _conv_output(x, w, pad, pool, k, "conv block")
         c = constants()
         keep = keep and pool != c.pool_none and (act != c.act_none or pool == c.pool_max)  # else nothing to keep
-        kept = torch.empty(cout * (h + 2 * pad - ks + 1) * (wd - ks + 1) * n) if keep else None
+        kept = torch.empty(cout * (h + 2 * pad - ks + 1) * (wd - ks + 1) * n, dtype=torch.float32) if keep else None
         _check(_need_lib().lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), cin, h, wd, pad,
                                                    cout, ks, n, act, pool, k), "conv block", x.shape, w.shape)
         ctx.save_for_backward(x, w, b, kept)
@@ -519,7 +519,8 @@ class _Conv:
             out = DenseBlock.apply(h.reshape(-1, h.shape[-1]), w.reshape(w.shape[0], -1), self.conv.bias, self.act)
             return out.view(w.shape[0], 1, 1, -1)
         h = h if self.padded else pad_cols(h, self.pad)
-        keep = torch.is_grad_enabled() and keeps_activation(w)
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, self.conv.bias))
+        keep = grads and keeps_activation(w)
         return ConvBlock.apply(h, w, self.conv.bias, self.pad, self.act, self.pool, self.k, keep)
 
 
