@@ -633,6 +633,23 @@ static void bn_reduce(const std::vector<vec>& mine, ThreadSums& sums, const floa
     bn_coefficients(sums.total(), s, mean, rstd, count, chs, ggamma, gbeta);
 }
 
+// The argument checks every entry point shares: codes the kernels know, a pool window >= 1.
+static bool act_ok(int act) { return act >= ACT_NONE && act <= ACT_LAST; }
+static bool codes_ok(int act, int pool, int k) { return act_ok(act) && pool >= POOL_NONE && pool <= POOL_MAX && k >= 1; }
+
+// Each thread's share of the batch, 16 lanes (one chunk) at a time, with its own scratch buffer
+// of `scratch` floats: body(b0, scratch) for every chunk b0.
+template <typename F>
+static void for_each_chunk(int B, std::size_t scratch, F&& body) {
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        std::vector<float> buf(scratch);
+        for (int b0 = lo; b0 < hi; b0 += V) body(b0, buf.data());
+    }
+}
+
 extern "C" {
 
 // The numbers the Python side must agree with, reported from here rather than written twice:
@@ -659,26 +676,20 @@ static inline Map kept_chunk(const float* kept, int b0, int C, int H, int W) {
 int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p, float* kept,
                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                            int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
+    if (B % V || !supported(K) || !codes_ok(act, pool, k)
         || (kept && !pool)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
-#pragma omp parallel
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-        std::vector<float> scratch(pool && !kept ? (std::size_t)Cout * Ho * Wo * V : 0);
-        for (int b0 = lo; b0 < hi; b0 += V) {
-            Map in = cmap(x + b0, Cin, Hin, Win, B), out = cmap(p + b0, Cout, Hp, Wp, B);
-            if (!pool) {
-                conv_any(in, w, bias, out, K, pad, act);
-                continue;
-            }
-            Map a = kept ? kept_chunk(kept, b0, Cout, Ho, Wo) : cmap(scratch.data(), Cout, Ho, Wo, V);
-            conv_any(in, w, bias, a, K, pad, act);
-            pool_chunk(a, out, k, pool == POOL_MAX);
+    for_each_chunk(B, pool && !kept ? (std::size_t)Cout * Ho * Wo * V : 0, [&](int b0, float* scratch) {
+        Map in = cmap(x + b0, Cin, Hin, Win, B), out = cmap(p + b0, Cout, Hp, Wp, B);
+        if (!pool) {
+            conv_any(in, w, bias, out, K, pad, act);
+            return;
         }
-    }
+        Map a = kept ? kept_chunk(kept, b0, Cout, Ho, Wo) : cmap(scratch, Cout, Ho, Wo, V);
+        conv_any(in, w, bias, a, K, pad, act);
+        pool_chunk(a, out, k, pool == POOL_MAX);
+    });
     return 0;
 }
 
@@ -690,7 +701,7 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
                             const float* kept, const float* gp, float* gx, float* gw, float* gb,
                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                             int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
+    if (B % V || !supported(K) || !codes_ok(act, pool, k)
         || (kept && !pool)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
@@ -726,17 +737,11 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias, c
 // activation and pooling; with running statistics, the same in evaluation mode.
 int lenet_bl_affine_forward(const float* z, const float* s, const float* t, float* p,
                             int C, int H, int W, int B, int act, int pool, int k) {
-    if (B % V || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || !codes_ok(act, pool, k)) return -1;
     const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
-#pragma omp parallel
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-        std::vector<float> scratch((std::size_t)C * H * W * V);
-        Map a = cmap(scratch.data(), C, H, W, V);
-        for (int b0 = lo; b0 < hi; b0 += V)
-            affine_chunk(cmap(z + b0, C, H, W, B), s, t, a, cmap(p + b0, C, Hp, Wp, B), act, pool, k);
-    }
+    for_each_chunk(B, (std::size_t)C * H * W * V, [&](int b0, float* scratch) {
+        affine_chunk(cmap(z + b0, C, H, W, B), s, t, cmap(scratch, C, H, W, V), cmap(p + b0, C, Hp, Wp, B), act, pool, k);
+    });
     return 0;
 }
 
@@ -746,21 +751,15 @@ int lenet_bl_affine_forward(const float* z, const float* s, const float* t, floa
 int lenet_bl_conv_affine_forward(const float* x, const float* w, const float* bias, const float* s, const float* t,
                                  float* p, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                                  int act, int pool, int k) {
-    if (B % V || !supported(K) || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1)
+    if (B % V || !supported(K) || !codes_ok(act, pool, k))
         return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
-#pragma omp parallel
-    {
-        int lo, hi;
-        my_lanes(B, lo, hi);
-        std::vector<float> scratch((std::size_t)Cout * Ho * Wo * V);
-        Map z = cmap(scratch.data(), Cout, Ho, Wo, V);
-        for (int b0 = lo; b0 < hi; b0 += V) {
-            conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
-            affine_chunk(z, s, t, z, cmap(p + b0, Cout, Hp, Wp, B), act, pool, k);  // (in place in the scratch)
-        }
-    }
+    for_each_chunk(B, (std::size_t)Cout * Ho * Wo * V, [&](int b0, float* scratch) {
+        Map z = cmap(scratch, Cout, Ho, Wo, V);
+        conv_any(cmap(x + b0, Cin, Hin, Win, B), w, bias, z, K, pad, ACT_NONE);
+        affine_chunk(z, s, t, z, cmap(p + b0, Cout, Hp, Wp, B), act, pool, k);  // (in place in the scratch)
+    });
     return 0;
 }
 
@@ -769,7 +768,7 @@ int lenet_bl_conv_affine_forward(const float* x, const float* w, const float* bi
 // recomputed chunk by chunk, as in the blocks).
 int lenet_bl_affine_backward(const float* z, const float* s, const float* t, const float* gp,
                              float* gz, float* gs, float* gt, int C, int H, int W, int B, int act, int pool, int k) {
-    if (B % V || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1) return -1;
+    if (B % V || !codes_ok(act, pool, k)) return -1;
     const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
     Partials part(2 * (std::size_t)C);  // gs, then gt
 #pragma omp parallel num_threads(part.T)
@@ -830,7 +829,7 @@ int lenet_bl_channel_stats(const float* z, int C, int H, int W, int B, int n, do
 int lenet_bl_bn_backward(const float* z, const float* s, const float* t, const float* mean, const float* rstd,
                          const float* gp, float* gz, float* ggamma, float* gbeta,
                          int C, int H, int W, int B, int n, int act, int pool, int k) {
-    if (B % V || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE || pool > POOL_MAX || k < 1
+    if (B % V || n < 1 || n > B || !codes_ok(act, pool, k)
         || (pool && k != 2 && k != 3)) return -1;  // windows of 2 or 3 compiled in
     const int Hp = pool ? H / k : H, Wp = pool ? W / k : W;
     ThreadSums sums(2 * (std::size_t)C);  // sum g, sum g z
@@ -890,8 +889,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
                               float* gx, float* gw, float* gb, float* ggamma, float* gbeta,
                               int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int n,
                               int act, int pool, int k) {
-    if (B % V || !supported(K) || n < 1 || n > B || act < ACT_NONE || act > ACT_LAST || pool < POOL_NONE
-        || pool > POOL_MAX || k < 1 || (pool && k != 2 && k != 3)) return -1;
+    if (B % V || !supported(K) || n < 1 || n > B || !codes_ok(act, pool, k) || (pool && k != 2 && k != 3)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
@@ -942,7 +940,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
 // y = act(W x + b): x [Fin][B], Wt = W transposed [Fin][Fout], y [Fout][B].
 int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, float* y,
                            int Fin, int Fout, int B, int act) {
-    if (B % V || act < ACT_NONE || act > ACT_LAST) return -1;
+    if (B % V || !act_ok(act)) return -1;
 #pragma omp parallel
     {
         int lo, hi;
@@ -959,7 +957,7 @@ int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, f
 // it would need a horizontal sum per weight over only 128 lanes per thread.
 int lenet_bl_dense_backward(const float* W, const float* y, const float* gy, float* gz,
                             float* gx, float* gb, int Fin, int Fout, int B, int act) {
-    if (B % V || act < ACT_NONE || act > ACT_LAST) return -1;
+    if (B % V || !act_ok(act)) return -1;
     Partials part(Fout);
 #pragma omp parallel num_threads(part.T)
     {
