@@ -36,7 +36,7 @@ typedef float uvec __attribute__((vector_size(64), aligned(4)));  // the same, a
 
 static inline vec load(const float* p) { return *reinterpret_cast<const uvec*>(p); }
 static inline void store(float* p, vec v) { *reinterpret_cast<uvec*>(p) = v; }
-static inline vec splat(float s) { return vec{} + s; }
+static inline vec splat(float s) { return vec{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 static const int V = 16;
 
 // Threads split the batch: thread t of T works on lanes [lo, hi) of every tensor, in every kernel.
@@ -159,11 +159,15 @@ static inline void conv_block(const Map& in, const float* w, const float* bias, 
         for (int ky = ky_lo; ky < ky_hi; ++ky) {
             const float* row = in.at(ci, y + ky - pad, x0);
             vec iv[XB + K - 1];
+#pragma GCC unroll 16
             for (int p = 0; p < XB + K - 1; ++p) iv[p] = load(row + (std::size_t)p * in.B);
             const float* wp = w + (std::size_t)co0 * wstride + ((std::size_t)ci * K + ky) * K;
+#pragma GCC unroll 8
             for (int kx = 0; kx < K; ++kx)
+#pragma GCC unroll 8
                 for (int co = 0; co < COB; ++co) {
                     vec wv = splat(wp[co * wstride + kx]);
+#pragma GCC unroll 16
                     for (int xo = 0; xo < XB; ++xo) acc[xo][co] += wv * iv[xo + kx];
                 }
         }
