@@ -7,12 +7,15 @@ Builds `src/lenet/kernels/csrc/blconv.cpp` as it is in the working tree and as i
 1. single conv blocks, batch 256: forward and backward of `classic`'s conv1 and conv2 (sigmoid,
    average pooling) and of `record-mnist`'s (ReLU, max-pooling), conv2 keeping its activation;
 2. the whole training step of each `--models` preset (its own optimizer and batch size, random
-   uint8 batches), blocks of 10 steps.
+   uint8 batches), blocks of 10 steps (3 for `modern`).
+
+Both builds must give the same outputs: the script checks each block's forward output and stops
+if they differ beyond rounding.
 
 It prints the median time of each and the ratio working tree / base (below 1: the change is
 faster). Used for docs/speed-notes.md section 13:
 
-    flock /tmp/lenet-cpu.lock python benchmarks/kernels_ab.py --base 3481db2 --rounds 10
+    flock /tmp/lenet-cpu.lock python benchmarks/kernels_ab.py --base 3481db2 --rounds 8
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse
 import ctypes
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +45,9 @@ BATCH = 256
 def build_base(rev: str, folder: Path) -> ctypes.CDLL:
     """The kernels' source at git revision `rev`, built like lenet builds them, with the working
     tree's argument types (the entry points must not have changed their signatures)."""
+    new, cxx = ops.library(), ops._compiler()
+    if new is None or cxx is None:
+        sys.exit(f"kernels_ab: the working tree's kernels are not available ({ops.problem() or 'no C++ compiler'})")
     source = subprocess.run(["git", "show", f"{rev}:src/lenet/kernels/csrc/blconv.cpp"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout
     src, target = folder / "blconv.cpp", folder / "blconv-base.so"
@@ -48,13 +55,17 @@ def build_base(rev: str, folder: Path) -> ctypes.CDLL:
     old_source = ops.SOURCE
     ops.SOURCE = src
     try:
-        ops._build(ops._compiler(), target)
+        ops._build(cxx, target)
     finally:
         ops.SOURCE = old_source
-    lib, new = ctypes.CDLL(str(target)), ops.library()
-    for name in dir(new):
+    lib = ctypes.CDLL(str(target))
+    for name in dir(new):  # every entry point: ops.library() has set the argument types of all of them
         if name.startswith("lenet_bl_"):
             getattr(lib, name).argtypes = getattr(new, name).argtypes
+    n = 64
+    mine, theirs = (ctypes.c_int * n)(), (ctypes.c_int * n)()
+    if new.lenet_bl_constants(mine, n) != lib.lenet_bl_constants(theirs, n) or list(mine) != list(theirs):
+        sys.exit(f"kernels_ab: {rev}'s kernels report other constants (lanes, codes) than the working tree's")
     return lib
 
 
@@ -70,6 +81,16 @@ def alternate(libs: dict[str, ctypes.CDLL], rounds: int, run, repeat: int) -> di
                 run()
             times[key].append((time.perf_counter() - t0) / repeat)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def same_outputs(libs: dict[str, ctypes.CDLL], forward) -> None:
+    outs = []
+    for lib in libs.values():
+        ops._lib = lib
+        with torch.no_grad():
+            outs.append(forward())
+    if not torch.allclose(outs[0], outs[1], rtol=1e-5, atol=1e-6):
+        sys.exit(f"kernels_ab: the two builds disagree (max difference {(outs[0] - outs[1]).abs().max():.3g})")
 
 
 def block_cases():
@@ -98,7 +119,7 @@ def block_cases():
         def forward_backward(forward=forward, grad=grad):
             forward().backward(grad)
 
-        yield name, no_grad_forward, forward_backward
+        yield name, forward, no_grad_forward, forward_backward
 
 
 def step_of(name: str):
@@ -123,20 +144,28 @@ def main() -> None:
     args = ap.parse_args()
     configure_threads()
     with tempfile.TemporaryDirectory() as folder:
-        base = build_base(args.base, Path(folder))
-        libs = {"base": base, "tree": ops.library()}
-        print(f"base {args.base} vs working tree, {torch.get_num_threads()} threads, median of {args.rounds} rounds")
-        for name, fwd, fwd_bwd in block_cases():
-            for what, run in (("forward", fwd), ("forward + backward", fwd_bwd)):
-                t = alternate(libs, args.rounds * 2, run, 10)
-                print(f"  {name:28s} {what:18s} base {t['base'] * 1e3:6.3f} ms  tree {t['tree'] * 1e3:6.3f} ms"
-                      f"  tree/base {t['tree'] / t['base']:.3f}", flush=True)
-        for name in args.models.split(","):
-            batch, run = step_of(name)
-            t = alternate(libs, args.rounds, run, 3 if name == "modern" else 10)
-            print(f"  {name + ' step (batch ' + str(batch) + ')':47s} base {t['base'] * 1e3:6.2f} ms  "
-                  f"tree {t['tree'] * 1e3:6.2f} ms  tree/base {t['tree'] / t['base']:.3f}", flush=True)
-        ops._lib = libs["tree"]
+        tree = ops.library()
+        libs = {"base": build_base(args.base, Path(folder)), "tree": tree}
+        try:
+            compare(libs, args)
+        finally:
+            ops._lib = tree
+
+
+def compare(libs: dict[str, ctypes.CDLL], args) -> None:
+    print(f"base {args.base} vs working tree, {torch.get_num_threads()} threads; "
+          f"median of {args.rounds * 2} rounds (blocks), {args.rounds} (steps)")
+    for name, forward, fwd, fwd_bwd in block_cases():
+        same_outputs(libs, forward)
+        for what, run in (("forward", fwd), ("forward + backward", fwd_bwd)):
+            t = alternate(libs, args.rounds * 2, run, 10)
+            print(f"  {name:28s} {what:18s} base {t['base'] * 1e3:6.3f} ms  tree {t['tree'] * 1e3:6.3f} ms"
+                  f"  tree/base {t['tree'] / t['base']:.3f}", flush=True)
+    for name in args.models.split(","):
+        batch, run = step_of(name)
+        t = alternate(libs, args.rounds, run, 3 if name == "modern" else 10)
+        print(f"  {name + ' step (batch ' + str(batch) + ')':47s} base {t['base'] * 1e3:6.2f} ms  "
+              f"tree {t['tree'] * 1e3:6.2f} ms  tree/base {t['tree'] / t['base']:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ typedef float uvec __attribute__((vector_size(64), aligned(4)));  // the same, a
 
 static inline vec load(const float* p) { return *reinterpret_cast<const uvec*>(p); }
 static inline void store(float* p, vec v) { *reinterpret_cast<uvec*>(p) = v; }
+// A broadcast (from memory: one load folded into the FMA). Not `vec{} + s`: that is a scalar add of
+// 0 (which must turn -0 into +0) and a shuffle per weight (speed-notes.md section 13).
 static inline vec splat(float s) { return vec{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 static const int V = 16;
 
@@ -158,8 +160,10 @@ static inline void conv_block(const Map& in, const float* w, const float* bias, 
     for (int ci = 0; ci < in.C; ++ci) {
         for (int ky = ky_lo; ky < ky_hi; ++ky) {
             const float* row = in.at(ci, y + ky - pad, x0);
+            // Every tap unrolled, so the XB + K - 1 input columns stay in registers: a loop over kx
+            // would index them at run time and keep them in memory (speed-notes.md section 13).
             vec iv[XB + K - 1];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
             for (int p = 0; p < XB + K - 1; ++p) iv[p] = load(row + (std::size_t)p * in.B);
             const float* wp = w + (std::size_t)co0 * wstride + ((std::size_t)ci * K + ky) * K;
 #pragma GCC unroll 8
