@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -69,18 +70,25 @@ def build_base(rev: str, folder: Path) -> ctypes.CDLL:
     return lib
 
 
-def alternate(libs: dict[str, ctypes.CDLL], rounds: int, run, repeat: int) -> dict[str, float]:
-    """Median seconds of `run()` per call with each library installed, alternated round by round."""
-    times: dict[str, list[float]] = {k: [] for k in libs}
+def alternate(variants: dict[str, Callable[[], None]], rounds: int, run, repeat: int) -> dict[str, list[float]]:
+    """Seconds per call of `run()` with each variant installed (`variants[name]()` installs it),
+    `repeat` calls a round, the variants alternated and their order reversed every round."""
+    times: dict[str, list[float]] = {k: [] for k in variants}
     for r in range(rounds):
-        for key in (list(libs) if r % 2 == 0 else list(libs)[::-1]):
-            ops._lib = libs[key]
+        for key in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            variants[key]()
             run()
             t0 = time.perf_counter()
             for _ in range(repeat):
                 run()
             times[key].append((time.perf_counter() - t0) / repeat)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def medians(libs: dict[str, ctypes.CDLL], rounds: int, run, repeat: int) -> dict[str, float]:
+    """Median seconds of `run()` per call with each library installed (see :func:`alternate`)."""
+    installs = {k: (lambda lib=lib: setattr(ops, "_lib", lib)) for k, lib in libs.items()}
+    return {k: statistics.median(v) for k, v in alternate(installs, rounds, run, repeat).items()}
 
 
 def same_outputs(libs: dict[str, ctypes.CDLL], forward) -> None:
@@ -122,16 +130,19 @@ def block_cases():
         yield name, forward, no_grad_forward, forward_backward
 
 
-def step_of(name: str):
+def step_of(name: str, lr: float = 0.001, optimizer: str | None = None):
+    """(batch size, one training step of preset `name` on a fixed random uint8 batch): its own
+    recipe (optimizer, batch size) at a constant learning rate, warmed up."""
     torch.manual_seed(0)
     model = create_model(name)
-    cfg = TrainConfig.for_model(name, lr=0.001, schedule="constant")
-    optimizer = make_optimizer(cfg, model.parameters())
-    step = TrainStep(model, model_criterion(model), optimizer, make_schedule(cfg, optimizer, 100),
+    extra = {"optimizer": optimizer} if optimizer else {}
+    cfg = TrainConfig.for_model(name, lr=lr, schedule="constant", **extra)
+    optimizer_ = make_optimizer(cfg, model.parameters())
+    step = TrainStep(model, model_criterion(model), optimizer_, make_schedule(cfg, optimizer_, 100),
                      torch.device("cpu"), EngineOptions(), log=lambda *a: None)
     x = torch.randint(0, 255, (cfg.batch_size, 28, 28), dtype=torch.uint8)
     y = torch.randint(0, 10, (cfg.batch_size,))
-    for _ in range(5):  # warm-up
+    for _ in range(10):  # warm-up (and, the first time, the kernels' build)
         step(x, y)
     return cfg.batch_size, lambda: step(x, y)
 
@@ -158,12 +169,12 @@ def compare(libs: dict[str, ctypes.CDLL], args) -> None:
     for name, forward, fwd, fwd_bwd in block_cases():
         same_outputs(libs, forward)
         for what, run in (("forward", fwd), ("forward + backward", fwd_bwd)):
-            t = alternate(libs, args.rounds * 2, run, 10)
+            t = medians(libs, args.rounds * 2, run, 10)
             print(f"  {name:28s} {what:18s} base {t['base'] * 1e3:6.3f} ms  tree {t['tree'] * 1e3:6.3f} ms"
                   f"  tree/base {t['tree'] / t['base']:.3f}", flush=True)
     for name in args.models.split(","):
         batch, run = step_of(name)
-        t = alternate(libs, args.rounds, run, 3 if name == "modern" else 10)
+        t = medians(libs, args.rounds, run, 3 if name == "modern" else 10)
         print(f"  {name + ' step (batch ' + str(batch) + ')':47s} base {t['base'] * 1e3:6.2f} ms  "
               f"tree {t['tree'] * 1e3:6.2f} ms  tree/base {t['tree'] / t['base']:.3f}", flush=True)
 
