@@ -328,6 +328,17 @@ def test_time_to_accuracy_mode_stops_at_the_target_and_reports_it(tmp_path):
     assert "mean over 2 seed(s): test acc" in proc.stdout and "target 0.600 within 60 s" in proc.stdout
 
 
+@pytest.mark.slow
+def test_time_to_accuracy_mode_takes_recipe_fields_from_the_command_line(tmp_path):
+    out = tmp_path / "tta.json"
+    proc = run_cli("bench", "--quick", "--to-accuracy", "0.999", "--model", "record-mnist", "--epochs", "2",
+                   "--batch-size", "64", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    run = json.loads(out.read_text())["runs"][0]
+    assert (run["recipe_epochs"], run["batch_size"], run["lr"]) == (2, 64, 4e-3)  # the preset's lr stays
+    assert run["epochs"] <= 2 and "its own recipe with epochs 2, batch_size 64" in proc.stdout
+
+
 def test_train_stop_ends_after_the_epoch_it_says_so():
     from lenet.data import synthetic_dataset
 

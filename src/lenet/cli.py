@@ -667,9 +667,11 @@ def add_bench(sub) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], type=_key_value, metavar="KEY=VALUE")
     p.add_argument("--dataset", default="fashion-mnist", choices=sorted(DATASETS))
     _add_data_flags(p)
-    p.add_argument("--epochs", type=_positive_int, default=10)
-    p.add_argument("--batch-size", type=_positive_int, default=256)
-    p.add_argument("--lr", type=_positive_float, default=0.9)
+    from .experiments.bench import BenchSpec
+
+    for flag, kind in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--lr", _positive_float)):
+        default = BenchSpec.__dataclass_fields__[flag[2:].replace("-", "_")].default
+        p.add_argument(flag, type=kind, help=f"default {default:g}; with --to-accuracy, the preset's recipe")
     p.add_argument("--seeds", type=_positive_int, default=1, help="runs per arm, seeds 0..N-1 (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arms", default="plain,engine",
@@ -705,17 +707,18 @@ def cmd_bench(args) -> int:
         resolve_config(name, dict(args.overrides))  # an unknown preset or setting is a user error
     TrainConfig(compile=args.compile, compile_mode=args.compile_mode, amp=args.amp).validate()
     device = resolve_device(args.device)
-    epochs = min(args.epochs, 1) if args.quick else args.epochs
+    recipe = _bench_recipe(args)
     if args.to_accuracy:
-        return _bench_to_accuracy(args, models)
+        return _bench_to_accuracy(args, models, recipe)
+    if args.quick:
+        recipe["epochs"] = min(recipe.get("epochs", BenchSpec.epochs), 1)
     results = []
     for name in models:
-        spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, epochs=epochs,
-                         batch_size=args.batch_size, lr=args.lr, device=args.device, quick=args.quick,
-                         compile=args.compile, compile_mode=args.compile_mode, amp=args.amp,
-                         fast_conv=args.fast_conv, overrides=dict(args.overrides))
+        spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, device=args.device,
+                         quick=args.quick, compile=args.compile, compile_mode=args.compile_mode, amp=args.amp,
+                         fast_conv=args.fast_conv, overrides=dict(args.overrides), **recipe)
         data = "synthetic data (--quick)" if args.quick else args.dataset
-        print(f"{name}, batch {args.batch_size}, SGD lr {args.lr:g}, {epochs} epoch(s), "
+        print(f"{name}, batch {spec.batch_size}, SGD lr {spec.lr:g}, {spec.epochs} epoch(s), "
               f"{args.seeds} seed(s), {data}, {device} ({torch.get_num_threads()} threads), "
               f"torch {torch.__version__}", flush=True)
         print(HEADER, flush=True)
@@ -731,18 +734,24 @@ def cmd_bench(args) -> int:
     return 0
 
 
-def _bench_to_accuracy(args, models: list[str]) -> int:
+def _bench_recipe(args) -> dict:
+    """The recipe fields given on the command line (--epochs, --batch-size, --lr)."""
+    return {k: v for k in ("epochs", "batch_size", "lr") if (v := getattr(args, k)) is not None}
+
+
+def _bench_to_accuracy(args, models: list[str], recipe: dict) -> int:
     import json
 
     from .experiments.bench import BenchSpec, format_to_accuracy, time_to_accuracy
 
     results = []
+    changed = ", ".join(f"{k} {v:g}" for k, v in recipe.items())
     for name in models:
         spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, device=args.device,
                          quick=args.quick, compile=args.compile, fast_conv=args.fast_conv,
-                         overrides=dict(args.overrides))
+                         overrides=dict(args.overrides), recipe=recipe)
         print(f"{name} on {args.dataset}: until test acc >= {args.to_accuracy} or {args.budget:g} s of training, "
-              f"{args.seeds} seed(s), its own recipe", flush=True)
+              f"{args.seeds} seed(s), its own recipe{' with ' + changed if changed else ''}", flush=True)
         result = time_to_accuracy(spec, list(range(args.seeds)), args.to_accuracy, args.budget,
                                   log=lambda s: print(s, flush=True))
         print(format_to_accuracy(result) + "\n", flush=True)

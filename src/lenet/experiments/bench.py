@@ -51,6 +51,7 @@ class BenchSpec:
     amp: str = "off"
     fast_conv: bool | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    recipe: dict[str, Any] = field(default_factory=dict)  # time to accuracy: fields that replace the preset's recipe
 
 
 def _data(spec: BenchSpec):
@@ -186,13 +187,14 @@ def run_engine(spec: BenchSpec) -> dict[str, Any]:
 
 
 def run_to_accuracy(spec: BenchSpec, target: float, budget_s: float) -> dict[str, Any]:
-    """The preset's own recipe (``lenet models``), trained until the test accuracy after an epoch
-    reaches ``target`` or the training time passes ``budget_s``: how long it took, and where it got."""
+    """The preset's own recipe (``lenet models``; ``spec.recipe`` replaces some of its fields), trained
+    until the test accuracy after an epoch reaches ``target`` or the training time passes ``budget_s``:
+    how long it took, and where it got."""
     from ..training import TrainConfig, train
 
     data = _data(spec)
     cfg = TrainConfig.for_model(spec.model, overrides=dict(spec.overrides), dataset=data.name, seed=spec.seed,
-                                device=spec.device, compile=spec.compile, fast_conv=spec.fast_conv)
+                                device=spec.device, compile=spec.compile, fast_conv=spec.fast_conv, **spec.recipe)
     clock = {"seconds": 0.0}
 
     def done(m) -> bool:
@@ -201,7 +203,8 @@ def run_to_accuracy(spec: BenchSpec, target: float, budget_s: float) -> dict[str
 
     result = train(cfg, data=data, stop=done, log=lambda s: None)
     return {"test_acc": result.test_acc, "train_time_s": result.train_time_s, "epochs": len(result.history),
-            "reached": result.test_acc >= target, "recipe_epochs": cfg.epochs, "engine": result.engine,
+            "reached": result.test_acc >= target, "recipe_epochs": cfg.epochs, "batch_size": cfg.batch_size,
+            "lr": cfg.lr, "engine": result.engine,
             "curve": [(h.epoch, h.test_acc, h.epoch_time_s) for h in result.history]}
 
 
