@@ -5,7 +5,8 @@ Builds `src/lenet/kernels/csrc/blconv.cpp` as it is in the working tree and as i
 (order reversed every round, so neither always runs first on a drifting machine):
 
 1. single conv blocks, batch 256: forward and backward of `classic`'s conv1 and conv2 (sigmoid,
-   average pooling) and of `record-mnist`'s (ReLU, max-pooling), conv2 keeping its activation;
+   average pooling) and of `record-mnist`'s (ReLU, max-pooling), conv2 keeping its activation, and
+   `record-fashion`'s conv2 as BatchNorm's blocks run it (the conv alone, its output stored);
 2. the whole training step of each `--models` preset (its own optimizer and batch size, random
    uint8 batches), blocks of 10 steps (3 for `modern`).
 
@@ -102,14 +103,15 @@ def same_outputs(libs: dict[str, ctypes.CDLL], forward) -> None:
 
 
 def block_cases():
-    """(name, a forward and a backward closure) for the four blocks."""
+    """(name, a forward and a backward closure) for the five blocks."""
     c = ops.constants()
     sig, relu = c.activations[torch.nn.Sigmoid], c.activations[torch.nn.ReLU]
     for name, cin, cout, hw, pad, act, pool in [
             ("conv1 1->6, sigmoid, avg", 1, 6, 28, 2, sig, c.pool_avg),
             ("conv1 1->6, relu, max", 1, 6, 28, 2, relu, c.pool_max),
             ("conv2 6->16, sigmoid, avg", 6, 16, 14, 0, sig, c.pool_avg),
-            ("conv2 6->16, relu, max", 6, 16, 14, 0, relu, c.pool_max)]:
+            ("conv2 6->16, relu, max", 6, 16, 14, 0, relu, c.pool_max),
+            ("conv2 12->32, BatchNorm's conv", 12, 32, 14, 0, c.act_none, c.pool_none)]:
         x = ops.pad_cols(torch.randn(cin, hw, hw, BATCH), pad).requires_grad_(cin > 1)
         w = (torch.randn(cout, cin, 5, 5) * 0.2).requires_grad_()
         b = torch.zeros(cout, requires_grad=True)
