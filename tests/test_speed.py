@@ -334,9 +334,15 @@ def test_time_to_accuracy_mode_takes_recipe_fields_from_the_command_line(tmp_pat
     proc = run_cli("bench", "--quick", "--to-accuracy", "0.999", "--model", "record-mnist", "--epochs", "2",
                    "--batch-size", "64", "--json", str(out))
     assert proc.returncode == 0, proc.stderr
-    run = json.loads(out.read_text())["runs"][0]
+    result = json.loads(out.read_text())
+    run = result["runs"][0]
     assert (run["recipe_epochs"], run["batch_size"], run["lr"]) == (2, 64, 4e-3)  # the preset's lr stays
-    assert run["epochs"] <= 2 and "its own recipe with epochs 2, batch_size 64" in proc.stdout
+    assert run["epochs"] <= 2 and "its own recipe with --epochs 2 --batch-size 64" in proc.stdout
+    assert "epochs" not in result["spec"] and result["spec"]["recipe"] == {"epochs": 2, "batch_size": 64}
+    proc = run_cli("bench", "--quick", "--to-accuracy", "0.999", "--model", "record-mnist", "--lr", "0.002",
+                   "--json", str(out))
+    run = json.loads(out.read_text())["runs"][0]
+    assert proc.returncode == 0 and (run["recipe_epochs"], run["batch_size"], run["lr"]) == (5, 256, 0.002)
 
 
 def test_train_stop_ends_after_the_epoch_it_says_so():

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .errors import LenetError
 from .options import (COMPILE_MODES, DEVICE_HELP, MAX_PIXELS, OPTIMIZERS, PRECISIONS, SCHEDULES, SERVE_MAX_IMAGES,
-                      SERVE_MAX_UPLOAD)
+                      SERVE_MAX_UPLOAD, flag)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -669,9 +669,9 @@ def add_bench(sub) -> None:
     _add_data_flags(p)
     from .experiments.bench import BenchSpec
 
-    for flag, kind in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--lr", _positive_float)):
-        default = BenchSpec.__dataclass_fields__[flag[2:].replace("-", "_")].default
-        p.add_argument(flag, type=kind, help=f"default {default:g}; with --to-accuracy, the preset's recipe")
+    for name, kind in (("epochs", _positive_int), ("batch_size", _positive_int), ("lr", _positive_float)):
+        p.add_argument(flag(name), type=kind,
+                       help=f"default {getattr(BenchSpec, name):g}; with --to-accuracy, the preset's recipe")
     p.add_argument("--seeds", type=_positive_int, default=1, help="runs per arm, seeds 0..N-1 (default 1)")
     p.add_argument("--device", default="auto")
     p.add_argument("--arms", default="plain,engine",
@@ -745,7 +745,7 @@ def _bench_to_accuracy(args, models: list[str], recipe: dict) -> int:
     from .experiments.bench import BenchSpec, format_to_accuracy, time_to_accuracy
 
     results = []
-    changed = ", ".join(f"{k} {v:g}" for k, v in recipe.items())
+    changed = " ".join(f"{flag(k)} {v:g}" for k, v in recipe.items())
     for name in models:
         spec = BenchSpec(model=name, dataset=args.dataset, data_root=args.data_root, device=args.device,
                          quick=args.quick, compile=args.compile, fast_conv=args.fast_conv,
