@@ -312,37 +312,35 @@ def test_practical_peak_is_a_real_matrix_product_rate():
     assert peak["threads"] >= 1 and 1e8 < peak["macs_per_sec"] < 1e13  # 0.1 GMAC/s .. 10 TMAC/s
 
 
+def _time_to_accuracy(tmp_path, target: str, *flags: str):
+    """`lenet bench --quick --to-accuracy TARGET --model record-mnist FLAGS`: (its stdout, its JSON)."""
+    out = tmp_path / "tta.json"
+    proc = run_cli("bench", "--quick", "--to-accuracy", target, "--model", "record-mnist", *flags, "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout, json.loads(out.read_text())
+
+
 @pytest.mark.slow
 def test_time_to_accuracy_mode_stops_at_the_target_and_reports_it(tmp_path):
-    out = tmp_path / "tta.json"
-    proc = run_cli("bench", "--quick", "--to-accuracy", "0.6", "--budget", "60", "--model", "record-mnist",
-                   "--seeds", "2", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    stdout, result = _time_to_accuracy(tmp_path, "0.6", "--budget", "60", "--seeds", "2")
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     for r in result["runs"]:
         accs = [acc for _, acc, _ in r["curve"]]
         assert r["reached"] == (accs[-1] >= 0.6) and all(a < 0.6 for a in accs[:-1])  # stopped at the first hit
         assert r["epochs"] == len(accs) <= r["recipe_epochs"] == 5
         assert r["train_time_s"] == pytest.approx(sum(t for _, _, t in r["curve"]))
-    assert "mean over 2 seed(s): test acc" in proc.stdout and "target 0.600 within 60 s" in proc.stdout
+    assert "mean over 2 seed(s): test acc" in stdout and "target 0.600 within 60 s" in stdout
 
 
 @pytest.mark.slow
 def test_time_to_accuracy_mode_takes_recipe_fields_from_the_command_line(tmp_path):
-    out = tmp_path / "tta.json"
-    proc = run_cli("bench", "--quick", "--to-accuracy", "0.999", "--model", "record-mnist", "--epochs", "2",
-                   "--batch-size", "64", "--json", str(out))
-    assert proc.returncode == 0, proc.stderr
-    result = json.loads(out.read_text())
+    stdout, result = _time_to_accuracy(tmp_path, "0.999", "--epochs", "2", "--batch-size", "64")
     run = result["runs"][0]
     assert (run["recipe_epochs"], run["batch_size"], run["lr"]) == (2, 64, 4e-3)  # the preset's lr stays
-    assert run["epochs"] <= 2 and "its own recipe with --epochs 2 --batch-size 64" in proc.stdout
+    assert run["epochs"] <= 2 and "its own recipe with --epochs 2 --batch-size 64" in stdout
     assert "epochs" not in result["spec"] and result["spec"]["recipe"] == {"epochs": 2, "batch_size": 64}
-    proc = run_cli("bench", "--quick", "--to-accuracy", "0.999", "--model", "record-mnist", "--lr", "0.002",
-                   "--json", str(out))
-    run = json.loads(out.read_text())["runs"][0]
-    assert proc.returncode == 0 and (run["recipe_epochs"], run["batch_size"], run["lr"]) == (5, 256, 0.002)
+    run = _time_to_accuracy(tmp_path, "0.999", "--lr", "0.002")[1]["runs"][0]
+    assert (run["recipe_epochs"], run["batch_size"], run["lr"]) == (5, 256, 0.002)
 
 
 def test_train_stop_ends_after_the_epoch_it_says_so():
