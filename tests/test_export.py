@@ -34,7 +34,7 @@ def test_onnx_matches_pytorch_on_real_test_images(run_dir, mnist, tmp_path):
     meta = read_metadata(out)
     assert json.loads(meta["classes"]) == [str(d) for d in range(10)]
     assert meta["dataset"] == "mnist" and meta["model"] == "classic"
-    assert json.loads(meta["model_config"])["activation"] == "relu"
+    assert json.loads(meta["model_config"])["activation"] == "relu" and json.loads(meta["test_flip"]) is False
 
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (inp,), (outp,) = session.get_inputs(), session.get_outputs()

@@ -320,3 +320,27 @@ def test_feature_layers_for_every_preset():
     assert feature_layers(create_model("classic")) == ["act1", "act2"]
     assert feature_layers(create_model("lenet5")) == ["f1", "f3"]
     assert len(feature_layers(create_model("modern"))) == 2
+
+
+def test_a_run_trained_with_test_flips_is_predicted_with_them(tmp_path, fashion):
+    """`lenet predict` and `lenet serve` score as `lenet evaluate` does: with the mirror image
+    too when the run's recipe had --test-flip; the activation maps stay those of the image."""
+    from lenet.inspect.evaluation import predict_scores
+    from lenet.training import TrainConfig, train
+    from lenet.use.predict import Predictor
+
+    cfg = TrainConfig(model="classic", overrides={"activation": "relu", "pool": "max"}, dataset="fashion-mnist",
+                      epochs=1, lr=0.002, optimizer="adam", batch_size=128, flip=True, test_flip=True, device="cpu")
+    run = train(cfg, data=fashion.head(6000, 500), out=tmp_path / "run").run_dir
+    flipped = Predictor.from_run(run)
+    plain = Predictor(flipped.model, flipped.classes)
+    assert flipped.test_flip and not plain.test_flip
+    images = fashion.test.images[:64]
+    scores, maps = flipped.forward(images.numpy(), activations=True)
+    plain_scores, plain_maps = plain.forward(images.numpy(), activations=True)
+    assert torch.allclose(scores, predict_scores(flipped.model, images, test_flip=True), atol=1e-5)
+    assert torch.allclose(plain_scores, predict_scores(flipped.model, images), atol=1e-5)
+    assert not torch.allclose(scores.softmax(1), plain_scores.softmax(1), atol=1e-3)
+    assert maps.keys() == plain_maps.keys() and all(torch.equal(maps[k], plain_maps[k]) for k in maps)
+    top = flipped.predict([flipped.prepare(Image.fromarray(images[0].numpy()), preprocess_image=False)])[0]
+    assert top.probabilities == pytest.approx(scores[0].softmax(0).tolist(), abs=1e-6)

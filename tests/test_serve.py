@@ -105,7 +105,7 @@ def test_info_health_and_static_assets_are_served_locally(server):
     status, _, body = get(server, "/api/info")
     info = json.loads(body)
     assert status == 200 and info["dataset"] == "mnist" and info["classes"] == [str(d) for d in range(10)]
-    assert info["layers"] == ["act1", "act2"] and info["preprocess"] == "digits"
+    assert info["layers"] == ["act1", "act2"] and info["preprocess"] == "digits" and info["test_flip"] is False
     assert info["max_images"] == 8 and info["max_upload_bytes"] == 1_500_000 and info["max_pixels"] == 4_000_000
     for path in ("/healthz", "/ping"):
         status, _, body = get(server, path)

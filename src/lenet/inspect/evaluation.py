@@ -15,8 +15,12 @@ def mirror_averaged(scores_of: Callable[[torch.Tensor], torch.Tensor], x: torch.
     """Test-time flips: the log of the class probabilities averaged over each image of the batch x
     (..., H, W) and its mirror image (left-right), for a model trained on mirrored images too
     (``--flip``). Its argmax is the class the two views agree on best."""
-    probs = scores_of(x).float().softmax(dim=1) + scores_of(x.flip(-1)).float().softmax(dim=1)
-    return (probs / 2).log()
+    return average_views(scores_of(x), scores_of(x.flip(-1)))
+
+
+def average_views(scores: torch.Tensor, mirrored: torch.Tensor) -> torch.Tensor:
+    """The log of the two views' class probabilities averaged (:func:`mirror_averaged`)."""
+    return ((scores.float().softmax(dim=1) + mirrored.float().softmax(dim=1)) / 2).log()
 
 
 @torch.inference_mode()

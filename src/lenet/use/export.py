@@ -4,7 +4,8 @@ The file has one input, ``image``: float32 (N, 1, 28, 28) with pixels in [0, 1],
 on black (as :func:`lenet.predict.preprocess` makes it), and one output, ``scores``: (N, classes),
 higher is more likely (apply softmax for probabilities). N, the batch size, is dynamic.
 ``metadata_props`` holds ``classes`` (a JSON list), ``dataset``, ``model``, ``model_config``
-(JSON), ``input`` (the description above) and ``lenet_version``.
+(JSON), ``test_flip`` (JSON ``true`` when the run was evaluated with test-time flips, which the
+graph does not do), ``input`` (the description above) and ``lenet_version``.
 
 It uses PyTorch's default exporter (``torch.onnx.export(..., dynamo=True)``, based on
 ``torch.export``), which needs the ``onnxscript`` package: ``pip install 'lenet[export]'``.
@@ -49,6 +50,8 @@ def onnx_metadata(run_config: dict[str, Any]) -> dict[str, str]:
         "dataset": str(run_config["dataset"]),
         "model": str(run_config["model"]),
         "model_config": json.dumps(run_config["model_config"]),
+        # "true": the run's accuracy was measured averaging each image's and its mirror image's probabilities
+        "test_flip": json.dumps(bool(run_config.get("train", {}).get("test_flip", False))),
         "input": INPUT_DESCRIPTION,
         "lenet_version": __version__,
     }

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ImageError
+from ..inspect.evaluation import average_views
 from ..images import (MAX_PIXELS, CorruptImageError, ImageTooLargeError, NotAnImageError,  # noqa: F401
                       decode_image, load_image, resize, to_grey, to_uint8)
 from .preprocess import (DIGIT_BOX, DIGIT_DATASETS, MODES, SIZE, Prepared, mode_for_dataset,  # noqa: F401
@@ -81,8 +82,9 @@ class Predictor:
     """A trained model ready for inference from several threads (one forward pass at a time)."""
 
     def __init__(self, model: nn.Module, classes: Sequence[str], *, dataset: str = "", model_name: str = "",
-                 device: torch.device | str = "cpu", mode: str | None = None):
+                 device: torch.device | str = "cpu", mode: str | None = None, test_flip: bool = False):
         self.model = model.to(device).eval()
+        self.test_flip = test_flip  # score each image and its mirror image, as the run was evaluated
         self.classes = tuple(classes)
         self.dataset = dataset
         self.model_name = model_name
@@ -102,7 +104,7 @@ class Predictor:
 
         run = load_run(run_dir, device)
         return cls(run.model, run.classes, dataset=run.dataset, model_name=run.config["model"],
-                   device=device, mode=mode)
+                   device=device, mode=mode, test_flip=bool(run.config.get("train", {}).get("test_flip", False)))
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -116,7 +118,8 @@ class Predictor:
     @torch.inference_mode()
     def forward(self, pixels: np.ndarray | torch.Tensor, activations: bool = False
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Class scores (N, classes) for uint8 images (N, 28, 28), and optionally the activation maps."""
+        """Class scores (N, classes) for uint8 images (N, 28, 28), and optionally the activation maps
+        (of the images themselves; with ``test_flip`` the scores are :func:`mirror_averaged`'s)."""
         x = torch.as_tensor(np.asarray(pixels), dtype=torch.uint8)
         if x.ndim == 2:
             x = x.unsqueeze(0)
@@ -124,11 +127,14 @@ class Predictor:
         with self._lock:
             self._capture = {} if activations else None
             try:
-                scores = self.model(x).float().cpu()
+                scores = self.model(x).float()
                 captured = self._capture or {}
+                self._capture = None
+                if self.test_flip:
+                    scores = average_views(scores, self.model(x.flip(-1)))
             finally:
                 self._capture = None
-        return scores, captured
+        return scores.cpu(), captured
 
     def predict(self, prepared: Sequence[Prepared], top_k: int = 3, *, sources: Sequence[str] | None = None,
                 activations: bool = False) -> list[Prediction]:

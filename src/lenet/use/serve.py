@@ -11,8 +11,9 @@ HTTP API (JSON answers; an error is ``{"error": "<one line>", "status": N}`` wit
 ``GET /healthz`` (or ``/ping``)
     ``{"status": "ok", "model", "dataset"}``: the model is loaded and answering.
 ``GET /api/info``
-    ``{"model", "dataset", "classes", "preprocess", "layers", "max_upload_bytes", "max_images",
-    "max_pixels"}``
+    ``{"model", "dataset", "classes", "preprocess", "test_flip", "layers", "max_upload_bytes",
+    "max_images", "max_pixels"}`` (``test_flip``: each image is scored with its mirror image too,
+    as the run was evaluated)
 ``POST /api/predict[?top_k=3&preprocess=1&activations=1&batch=0]``
     The body is either the raw bytes of one image (PNG, JPEG, GIF, BMP, WebP...), or a
     ``multipart/form-data`` form whose file fields (any names) are images: ``curl -F
@@ -269,7 +270,7 @@ class App:
     def info(self) -> dict[str, Any]:
         p = self.predictor
         return {"model": p.model_name, "dataset": p.dataset, "classes": list(p.classes),
-                "preprocess": p.mode, "layers": p.layers, "max_upload_bytes": self.max_upload,
+                "preprocess": p.mode, "test_flip": p.test_flip, "layers": p.layers, "max_upload_bytes": self.max_upload,
                 "max_images": self.max_images, "max_pixels": self.max_pixels}
 
     def prepare(self, upload: Upload, preprocess: bool) -> Prepared:
