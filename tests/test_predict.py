@@ -322,6 +322,7 @@ def test_feature_layers_for_every_preset():
     assert len(feature_layers(create_model("modern"))) == 2
 
 
+@pytest.mark.slow
 def test_a_run_trained_with_test_flips_is_predicted_with_them(tmp_path, fashion):
     """`lenet predict` and `lenet serve` score as `lenet evaluate` does: with the mirror image
     too when the run's recipe had --test-flip; the activation maps stay those of the image."""
@@ -344,3 +345,12 @@ def test_a_run_trained_with_test_flips_is_predicted_with_them(tmp_path, fashion)
     assert maps.keys() == plain_maps.keys() and all(torch.equal(maps[k], plain_maps[k]) for k in maps)
     top = flipped.predict([flipped.prepare(Image.fromarray(images[0].numpy()), preprocess_image=False)])[0]
     assert top.probabilities == pytest.approx(scores[0].softmax(0).tolist(), abs=1e-6)
+    from lenet.use.export import onnx_metadata
+    from lenet.use.serve import App
+    from lenet.training.runs import read_config
+
+    assert App(flipped).info()["test_flip"] is True and App(plain).info()["test_flip"] is False
+    assert onnx_metadata(read_config(run))["test_flip"] == "true"
+    pytest.importorskip("onnx")
+    proc = run_cli("export", str(run), "--out", str(tmp_path / "model.onnx"))
+    assert proc.returncode == 0 and "the run was evaluated with test-time flips" in proc.stdout

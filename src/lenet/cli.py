@@ -606,6 +606,9 @@ def cmd_export(args) -> int:
     info = export_onnx(args.run_dir, out, opset=args.opset)
     print(f"wrote {out} ({info['bytes']:,} bytes, opset {info['opset']}): input 'image' float32 "
           f"(N, 1, 28, 28) in [0, 1], output 'scores' (N, {len(info['classes'])})")
+    if info["test_flip"]:
+        print("note: the run was evaluated with test-time flips; the graph scores one image: average the "
+              "probabilities of the image and its mirror image for the run's accuracy (metadata test_flip)")
     return 0
 
 

@@ -58,7 +58,7 @@ def onnx_metadata(run_config: dict[str, Any]) -> dict[str, str]:
 
 
 def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, opset: int | None = None) -> dict[str, Any]:
-    """Write the run's model as ONNX to ``out``; return a summary (bytes, opset, classes)."""
+    """Write the run's model as ONNX to ``out``; return a summary (bytes, opset, classes, test_flip)."""
     _require_exporter()
     import onnx
 
@@ -98,7 +98,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, opset: in
         raise LenetError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     return {"path": out, "bytes": len(data), "opset": opsets[0] if opsets else None,
-            "classes": tuple(run.config["classes"])}
+            "classes": tuple(run.config["classes"]), "test_flip": json.loads(onnx_metadata(run.config)["test_flip"])}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
