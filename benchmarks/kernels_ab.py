@@ -14,7 +14,7 @@ Both builds must give the same outputs: the script checks each block's forward o
 if they differ beyond rounding.
 
 It prints the median time of each and the ratio working tree / base (below 1: the change is
-faster). Used for docs/speed-notes.md section 13:
+faster). Used for docs/speed-notes.md sections 13 and 14:
 
     flock /tmp/lenet-cpu.lock python benchmarks/kernels_ab.py --base 3481db2 --rounds 8
 """

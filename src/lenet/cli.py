@@ -220,8 +220,8 @@ def cmd_evaluate(args) -> int:
     run = load_run(args.run_dir, device)
     out = _figure_out(args, "confusion.png")  # a bad --out fails before the work, not after
     data = run.load_data(args.data_root)
-    test_flip = bool(run.config.get("train", {}).get("test_flip", False))  # evaluated as the run was
-    report = evaluate(run.model, data.test.images, data.test.labels, data.classes, device=device, test_flip=test_flip)
+    report = evaluate(run.model, data.test.images, data.test.labels, data.classes, device=device,
+                      test_flip=run.test_flip)  # evaluated as the run was
     print(report.format())
     _save(lambda o: plot_confusion(report.confusion, data.classes, o, title=f"{run.config['model']} on {data.name}"), out)
     print(f"\nconfusion matrix saved to {out}")

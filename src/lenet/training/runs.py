@@ -198,6 +198,11 @@ class LoadedRun:
         """The dataset's name (a built-in name, or the folder or file name of your own)."""
         return self.config["dataset"]
 
+    @property
+    def test_flip(self) -> bool:
+        """Whether the run was evaluated with test-time flips (:func:`scored_with_flips`)."""
+        return scored_with_flips(self.config)
+
     def load_data(self, data_root: str | None = None, log=print):
         """The dataset this run was trained on, loaded as it was (the same path and test split)."""
         from ..data import load_dataset
@@ -206,6 +211,12 @@ class LoadedRun:
         return load_dataset(data.get("source", self.dataset), data_root,
                             test_fraction=data.get("test_fraction", 0.1),
                             image_size=data.get("image_size", 28), log=log)
+
+
+def scored_with_flips(config: dict[str, Any]) -> bool:
+    """Whether a run (its config.json) was evaluated with test-time flips: then `evaluate`,
+    `predict` and `serve` score each image with its mirror image too, as the run was measured."""
+    return bool(config.get("train", {}).get("test_flip", False))
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:

@@ -45,13 +45,15 @@ def _require_exporter() -> None:
 
 
 def onnx_metadata(run_config: dict[str, Any]) -> dict[str, str]:
+    from ..training.runs import scored_with_flips
+
     return {
         "classes": json.dumps(list(run_config["classes"])),
         "dataset": str(run_config["dataset"]),
         "model": str(run_config["model"]),
         "model_config": json.dumps(run_config["model_config"]),
         # "true": the run's accuracy was measured averaging each image's and its mirror image's probabilities
-        "test_flip": json.dumps(bool(run_config.get("train", {}).get("test_flip", False))),
+        "test_flip": json.dumps(scored_with_flips(run_config)),
         "input": INPUT_DESCRIPTION,
         "lenet_version": __version__,
     }
@@ -98,7 +100,7 @@ def export_onnx(run_dir: str | os.PathLike, out: str | os.PathLike, *, opset: in
         raise LenetError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
     opsets = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
     return {"path": out, "bytes": len(data), "opset": opsets[0] if opsets else None,
-            "classes": tuple(run.config["classes"]), "test_flip": json.loads(onnx_metadata(run.config)["test_flip"])}
+            "classes": tuple(run.config["classes"]), "test_flip": run.test_flip}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -104,7 +104,7 @@ class Predictor:
 
         run = load_run(run_dir, device)
         return cls(run.model, run.classes, dataset=run.dataset, model_name=run.config["model"],
-                   device=device, mode=mode, test_flip=bool(run.config.get("train", {}).get("test_flip", False)))
+                   device=device, mode=mode, test_flip=run.test_flip)
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
