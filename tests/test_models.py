@@ -289,6 +289,26 @@ def test_lenet5_scores_are_negative_penalties_and_the_loss_is_the_papers():
     assert net.rbf(net.rbf.prototypes).argmin(dim=1).tolist() == list(range(10))
 
 
+def test_lenet5_rbf_gradient_is_autograd_s():
+    """The RBF layer computes its input gradient as two matrix products; it equals the gradient
+    autograd takes through the differences (gradcheck in float64, and in float32 on a batch)."""
+    from lenet.models.lenet5 import _SquaredDistances, squared_distances
+
+    torch.manual_seed(0)
+    protos = digit_prototypes(10).double()
+    x = (torch.rand(6, 84, dtype=torch.float64) * 3 - 1.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _SquaredDistances.apply(t, protos), (x,))
+    rbf = create_model("lenet5").rbf
+    x32 = (torch.rand(33, 84) * 3 - 1.5).requires_grad_()
+    grad = torch.randn(33, 10)
+    rbf(x32).backward(grad)
+    x_ref = x32.detach().clone().requires_grad_()
+    squared_distances(x_ref, rbf.prototypes).backward(grad)
+    assert torch.allclose(x32.grad, x_ref.grad, rtol=1e-5, atol=1e-4)
+    with torch.no_grad():  # without a gradient to take, the plain formula, the same values
+        assert torch.equal(rbf(x32), squared_distances(x32, rbf.prototypes))
+
+
 def test_lenet5_initialisation_is_uniform_in_2_4_over_fan_in():
     torch.manual_seed(0)
     net = create_model("lenet5")

@@ -135,6 +135,8 @@ def library() -> ctypes.CDLL | None:
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
     lib.lenet_bl_block_forward.argtypes = ptrs * 5 + ints * 10
     lib.lenet_bl_block_backward.argtypes = ptrs * 9 + ints * 10
+    lib.lenet_bl_block_affine_forward.argtypes = ptrs * 7 + ints * 11
+    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 13 + ints * 11
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
@@ -270,30 +272,41 @@ class ConvBlock(torch.autograd.Function):
     x: [Cin, H, W, B] with its columns padded (see :func:`pad_cols`), ``pad`` zero rows; act and
     pool are codes of :func:`constants`; k the pool window (= stride). ``keep``: store the
     activation before the pool for the backward pass (see :func:`keeps_activation`); otherwise
-    the kernels recompute it there, 16 examples at a time in the core's cache.
+    the kernels recompute it there, 16 examples at a time in the core's cache. With ``scale`` and
+    ``shift`` (pooled blocks only): act2(scale[c] * pool(...) + shift[c]) in the same calls, with
+    the gradients of scale and shift (LeNet-5's trainable subsampling and the squashing after it).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False):
+    def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False,
+                scale=None, shift=None, act2: int = 0):
         x = x.contiguous()
         w = weight.detach().contiguous()
         b = None if bias is None else bias.detach().contiguous()
+        s = None if scale is None else scale.detach().contiguous()
+        t = None if shift is None else shift.detach().contiguous()
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
         out = _conv_output(x, w, pad, pool, k, "conv block")
         c = constants()
-        keep = keep and pool != c.pool_none and (act != c.act_none or pool == c.pool_max)  # else nothing to keep
+        _check_shapes(s is None or (pool != c.pool_none and s.shape == t.shape == (cout,)), "conv block's scale",
+                      w.shape, None if s is None else s.shape)
+        keep = keep and pool != c.pool_none and (act != c.act_none or pool == c.pool_max or s is not None)
         kept = torch.empty(cout * (h + 2 * pad - ks + 1) * (wd - ks + 1) * n, dtype=torch.float32) if keep else None
-        _check(_need_lib().lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), cin, h, wd, pad,
-                                                   cout, ks, n, act, pool, k), "conv block", x.shape, w.shape)
-        ctx.save_for_backward(x, w, b, kept)
-        ctx.conf = (pad, act, pool, k)
+        dims = (cin, h, wd, pad, cout, ks, n, act, pool, k)
+        lib = _need_lib()
+        rc = (lib.lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), *dims) if s is None else
+              lib.lenet_bl_block_affine_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(out), _ptr(kept),
+                                                *dims, act2))
+        _check(rc, "conv block", x.shape, w.shape)
+        ctx.save_for_backward(x, w, b, kept, s, t)
+        ctx.conf = (pad, act, pool, k, act2)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, b, kept = ctx.saved_tensors
-        pad, act, pool, k = ctx.conf
+        x, w, b, kept, s, t = ctx.saved_tensors
+        pad, act, pool, k, act2 = ctx.conf
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
         grad = grad.contiguous()
@@ -302,10 +315,21 @@ class ConvBlock(torch.autograd.Function):
         flipped = w.flip(2, 3).transpose(0, 1).contiguous() if need_x else None
         grad_w = torch.empty_like(w)
         grad_b = torch.empty(cout) if b is not None else None
-        _check(_need_lib().lenet_bl_block_backward(
-            _ptr(x), _ptr(w), _ptr(b), _ptr(flipped), _ptr(kept), _ptr(grad), _ptr(grad_x), _ptr(grad_w),
-            _ptr(grad_b), cin, h, wd, pad, cout, ks, n, act, pool, k), "conv block backward", x.shape, grad.shape)
-        return grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None
+        dims = (cin, h, wd, pad, cout, ks, n, act, pool, k)
+        lib = _need_lib()
+        if s is None:
+            grad_s = grad_t = None
+            rc = lib.lenet_bl_block_backward(_ptr(x), _ptr(w), _ptr(b), _ptr(flipped), _ptr(kept), _ptr(grad),
+                                             _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), *dims)
+        else:
+            grad_s, grad_t = torch.empty(cout), torch.empty(cout)
+            rc = lib.lenet_bl_block_affine_backward(
+                _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(flipped), _ptr(kept), _ptr(grad), _ptr(grad_x),
+                _ptr(grad_w), _ptr(grad_b), _ptr(grad_s), _ptr(grad_t), *dims, act2)
+        _check(rc, "conv block backward", x.shape, grad.shape)
+        need_s, need_t = (ctx.needs_input_grad + (False,) * 4)[8:10]  # (False where not passed)
+        return (grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None,
+                grad_s if need_s else None, grad_t if need_t else None, None)
 
 
 def keeps_activation(weight: torch.Tensor) -> bool:
@@ -490,8 +514,10 @@ class ConvBatchNormBlock(torch.autograd.Function):
 # :func:`batch_last` reads an ``nn.Sequential`` from the front and turns what the kernels cover
 # into stages, each a function of a batch-last tensor ([C, H, W, B], or [F, B] after a flatten):
 #
-#   conv [-> act] [-> pool | -> act -> Subsampling]    one ConvBlock (+ LeNet-5's trainable scale)
+#   conv [-> act] [-> pool]                            one ConvBlock
+#   conv -> act -> Subsampling [-> act]                one ConvBlock (LeNet-5's subsampling in its calls)
 #   conv -> BatchNorm2d [-> act] [-> pool]             a ConvBlock, the batch statistics, one AffineBlock
+#   input_affine() layer -> conv block                 the block, the layer's pad and scale folded in
 #   elementwise activation, forward_batch_last(h)      PyTorch on the batch-last tensor
 #   AdaptiveAvgPool2d(1), Flatten                      reductions and reshapes in the layout
 #   Linear [-> act]                                    one DenseBlock
@@ -501,27 +527,51 @@ class ConvBatchNormBlock(torch.autograd.Function):
 
 
 class _Conv:
-    """pool(act(conv(h) + b)) with the conv's (or PartialConv2d's masked dense) weight."""
+    """pool(act(conv(h) + b)) with the conv's (or PartialConv2d's masked dense) weight.
 
-    def __init__(self, conv: nn.Module, act: int, pool: int, k: int):
-        self.conv, self.act, self.pool, self.k = conv, act, pool, k
+    ``affine``: (pad, scale, shift) of an input layer folded into this conv (LeNet-5's
+    :class:`LeCunInput`, which zero-pads the image and maps every pixel p to scale p + shift): the
+    conv of scale h + shift is the conv of h with weight scale w and bias b + shift sum(w), so the
+    kernels pad with zeros themselves and no pass over the scaled image is made.
+
+    ``sub``: LeNet-5's trainable subsampling after the pool (sum x coefficient + bias) and the
+    activation after it, computed in the block's own calls (:class:`ConvBlock`'s scale and shift)."""
+
+    def __init__(self, conv: nn.Module, act: int, pool: int, k: int,
+                 affine: tuple[int, float, float] | None = None, sub: tuple[Subsampling, int] | None = None):
+        self.conv, self.act, self.pool, self.k, self.affine = conv, act, pool, k, affine
+        self.sub = sub  # (LeNet-5's Subsampling after the average pool, the activation code after it)
         self.pad = conv.padding[0] if isinstance(conv, nn.Conv2d) else 0
+        self.pad += affine[0] if affine else 0  # (a conv folded with an input layer has no padding of its own)
         self.padded = False  # True when the input's columns arrive padded (the first stage)
 
     def weight(self) -> torch.Tensor:  # C3's weight is scattered into a full 6 -> 16 kernel (zeros elsewhere)
         return self.conv.dense_weight() if isinstance(self.conv, PartialConv2d) else self.conv.weight
 
+    def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The (weight, bias) the kernels run: the conv's own, or folded with the input layer's affine."""
+        w, b = self.weight(), self.conv.bias
+        if self.affine is None:
+            return w, b
+        _, scale, shift = self.affine
+        b = shift * w.sum(dim=(1, 2, 3)) + (b if b is not None else 0.0)
+        return w * scale, b
+
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        w = self.weight()
+        w, b = self.params()
         if self.pad == 0 and self.pool == constants().pool_none and h.shape[1:3] == w.shape[2:]:
             # The kernel covers the whole map (LeNet-5's C5): a dense layer over the flattened map
             # (same order), whose weight gradient BLAS computes far better than a 1x1-output conv.
-            out = DenseBlock.apply(h.reshape(-1, h.shape[-1]), w.reshape(w.shape[0], -1), self.conv.bias, self.act)
+            out = DenseBlock.apply(h.reshape(-1, h.shape[-1]), w.reshape(w.shape[0], -1), b, self.act)
             return out.view(w.shape[0], 1, 1, -1)
         h = h if self.padded else pad_cols(h, self.pad)
-        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, self.conv.bias))
+        grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b))
         keep = grads and keeps_activation(w)
-        return ConvBlock.apply(h, w, self.conv.bias, self.pad, self.act, self.pool, self.k, keep)
+        if self.sub is None:
+            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep)
+        sub, after = self.sub
+        area = float(sub.size * sub.size)  # the block averages; the layer sums
+        return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight * area, sub.bias, after)
 
 
 class _ConvNorm(_Conv):
@@ -570,19 +620,6 @@ def _update_running_stats(bn: nn.BatchNorm2d, mean: torch.Tensor, var: torch.Ten
     m = bn.momentum if bn.momentum is not None else 1.0 / bn.num_batches_tracked.item()
     bn.running_mean.lerp_(mean, m)
     bn.running_var.lerp_(var * (count / max(count - 1, 1)), m)
-
-
-class _SubsamplingScale:
-    """LeNet-5's trainable subsampling after a ConvBlock's average pool (sum x coefficient + bias),
-    and the activation after it, as one :class:`AffineBlock`."""
-
-    def __init__(self, sub: Subsampling, act: int):
-        self.sub, self.act = sub, act
-
-    def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        area = float(self.sub.size * self.sub.size)  # the block averaged; the layer sums
-        pool = constants().pool_none
-        return AffineBlock.apply(h, self.sub.weight * area, self.sub.bias, self.act, pool, 1)
 
 
 class _Layer:
@@ -694,8 +731,20 @@ def _pool(m: nn.Module) -> tuple[int, int] | None:
     return (c.pool_max if isinstance(m, nn.MaxPool2d) else c.pool_avg), k
 
 
-def _conv_stages(layers: list[nn.Module], i: int) -> tuple[list, int]:
-    """The stages for the conv block starting at layers[i], and the index after it."""
+def _input_affine(layers: list[nn.Module], i: int) -> tuple[int, float, float] | None:
+    """(pad, scale, shift) when layers[i] zero-pads and scales its input (``input_affine``) and
+    layers[i + 1] is a conv without padding (and BatchNorm) into which the kernels can fold it."""
+    affine = getattr(layers[i], "input_affine", None)
+    if affine is None or i + 1 >= len(layers) or not _conv_ok(layers[i + 1]):
+        return None
+    conv, after = layers[i + 1], layers[i + 2] if i + 2 < len(layers) else None
+    unpadded = isinstance(conv, PartialConv2d) or conv.padding[0] == 0
+    return affine() if unpadded and type(after) is not nn.BatchNorm2d else None
+
+
+def _conv_stages(layers: list[nn.Module], i: int, affine: tuple[int, float, float] | None = None) -> tuple[list, int]:
+    """The stages for the conv block starting at layers[i] (with an input layer's ``affine``
+    folded in), and the index after it."""
     codes = constants()
     conv, i = layers[i], i + 1
     norm = None
@@ -711,13 +760,14 @@ def _conv_stages(layers: list[nn.Module], i: int) -> tuple[list, int]:
         pool, k = _pool(layers[i])  # (BatchNorm's backward has windows of 2 and 3 compiled in)
     if pool != codes.pool_none:
         i += 1
-    first = _ConvNorm(conv, norm, act, pool, k) if norm is not None else _Conv(conv, act, pool, k)
+    if norm is not None:
+        return [_ConvNorm(conv, norm, act, pool, k)], i
     if not sub:
-        return [first], i
-    after = codes.act_none
+        return [_Conv(conv, act, pool, k, affine)], i
+    subsampling, after = layers[i - 1], codes.act_none
     if i < len(layers) and type(layers[i]) in codes.activations:  # LeNet-5: squash, subsample, squash
         after, i = codes.activations[type(layers[i])], i + 1
-    return [first, _SubsamplingScale(layers[i - 1 - (after != codes.act_none)], after)], i
+    return [_Conv(conv, act, pool, k, affine, (subsampling, after))], i
 
 
 def _plan(layers: list[nn.Module]) -> tuple[list, int]:
@@ -725,8 +775,11 @@ def _plan(layers: list[nn.Module]) -> tuple[list, int]:
     codes, stages, i, flat = constants(), [], 0, False
     while i < len(layers):
         m = layers[i]
-        if not flat and _conv_ok(m):
-            more, i = _conv_stages(layers, i)
+        affine = None if flat or stages else _input_affine(layers, i)
+        if affine is not None:  # the first layer scales the image: folded into the conv after it
+            i += 1
+        if not flat and _conv_ok(layers[i]):
+            more, i = _conv_stages(layers, i, affine)
             stages += more
             continue
         if isinstance(m, ELEMENTWISE) or (not flat and hasattr(m, "forward_batch_last")):

@@ -99,15 +99,22 @@ class LeNet5Config:
 class LeCunInput(nn.Module):
     """28x28 pixels in [0, 1] (0 = background) -> 32x32 with background -0.1 and foreground 1.175."""
 
-    low, high = -0.1, 1.175
+    low, high, pad = -0.1, 1.175, 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = nn.functional.pad(x, (2, 2, 2, 2), value=0.0)
+        p = self.pad
+        x = nn.functional.pad(x, (p, p, p, p), value=0.0)
         return x * (self.high - self.low) + self.low
+
+    def input_affine(self) -> tuple[int, float, float]:
+        """(pad, scale, shift): this layer is scale * zero_pad(x, pad) + shift (for lenet's kernels,
+        which fold it into the convolution after it)."""
+        return self.pad, self.high - self.low, self.low
 
     def forward_batch_last(self, x: torch.Tensor) -> torch.Tensor:
         """The same for x: [C, H, W, B] (the layout of lenet's CPU kernels)."""
-        x = nn.functional.pad(x, (0, 0, 2, 2, 2, 2), value=0.0)
+        p = self.pad
+        x = nn.functional.pad(x, (0, 0, p, p, p, p), value=0.0)
         return x * (self.high - self.low) + self.low
 
 
@@ -147,6 +154,27 @@ class PartialConv2d(nn.Module):
                 f"connections={self.weight.shape[0]}")
 
 
+def squared_distances(x: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(N, K) sums of (x_j - p_ij)^2 for x: (N, D) and prototypes: (K, D)."""
+    return (x.unsqueeze(1) - prototypes.unsqueeze(0)).pow(2).sum(dim=2)
+
+
+class _SquaredDistances(torch.autograd.Function):
+    """:func:`squared_distances` with its gradient for x as two small matrix products,
+    2 (x sum_i g_i - g P), instead of autograd's passes over the (N, K, D) differences (half the
+    time of LeNet-5's output layer and loss in a training step). The prototypes are fixed: no gradient."""
+
+    @staticmethod
+    def forward(ctx, x, prototypes):
+        ctx.save_for_backward(x, prototypes)
+        return squared_distances(x, prototypes)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, prototypes = ctx.saved_tensors
+        return 2.0 * (x * grad.sum(dim=1, keepdim=True) - grad @ prototypes), None
+
+
 class EuclideanRBF(nn.Module):
     """Output units y_i = sum_j (x_j - w_ij)^2 with FIXED parameter vectors w_i (a buffer)."""
 
@@ -155,7 +183,9 @@ class EuclideanRBF(nn.Module):
         self.register_buffer("prototypes", prototypes.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.unsqueeze(1) - self.prototypes.unsqueeze(0)).pow(2).sum(dim=2)
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _SquaredDistances.apply(x, self.prototypes)
+        return squared_distances(x, self.prototypes)
 
     def macs(self, inp: torch.Tensor, out: torch.Tensor) -> int:
         return self.prototypes.numel()

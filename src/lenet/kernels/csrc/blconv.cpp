@@ -658,6 +658,36 @@ static void for_each_chunk(int B, std::size_t scratch, F&& body) {
     }
 }
 
+// p = act2(s[c] p + t[c]) in place, over one chunk's pooled output (LeNet-5's subsampling after a
+// conv block's average pool), rounded as affine_chunk rounds it.
+static void affine_in_place(const Map& p, const float* s, const float* t, int act2) {
+    for (int c = 0; c < p.C; ++c) {
+        const vec sv = splat(s[c]), tv = splat(t[c]);
+        for (int y = 0; y < p.H; ++y)
+            for (int x = 0; x < p.W; ++x) store(p.at(c, y, x), activate(load(p.at(c, y, x)) * sv + tv, act2));
+    }
+}
+
+// Back through o = act2(s[c] p + t[c]) for one chunk, given go (the gradient of o): gp = s g with
+// g = go act2'(o), and the per-lane sums of g p and g into accs[c], acct[c] (as lenet_bl_affine_backward).
+static void affine_backward_chunk(const Map& go, const Map& p, const float* s, const float* t, int act2,
+                                  const Map& gp, vec* accs, vec* acct) {
+    for (int c = 0; c < p.C; ++c) {
+        const vec sv = splat(s[c]), tv = splat(t[c]);
+        vec sz = vec{}, sg = vec{};
+        for (int y = 0; y < p.H; ++y)
+            for (int x = 0; x < p.W; ++x) {
+                const vec pv = load(p.at(c, y, x));
+                const vec g = load(go.at(c, y, x)) * activation_grad(activate(pv * sv + tv, act2), act2);
+                sz += g * pv;
+                sg += g;
+                store(gp.at(c, y, x), g * sv);
+            }
+        accs[c] += sz;
+        acct[c] += sg;
+    }
+}
+
 extern "C" {
 
 // The numbers the Python side must agree with, reported from here rather than written twice:
@@ -681,11 +711,11 @@ static inline Map kept_chunk(const float* kept, int b0, int C, int H, int W) {
 // A block's forward pass: p = pool(act(conv(x) + bias)); pool 0 none, 1 average, 2 max (k x k).
 // With `kept` (pooled blocks only), the activation before the pool is written there for
 // lenet_bl_block_backward, which then does not recompute it.
-int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p, float* kept,
-                           int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
-                           int act, int pool, int k) {
-    if (B % V || !supported(K) || !codes_ok(act, pool, k)
-        || (kept && !pool)) return -1;
+static int block_forward(const float* x, const float* w, const float* bias, const float* s, const float* t,
+                         float* p, float* kept, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                         int act, int pool, int k, int act2) {
+    if (B % V || !supported(K) || !codes_ok(act, pool, k) || !act_ok(act2)
+        || (kept && !pool) || (s && !pool)) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     for_each_chunk(B, pool && !kept ? (std::size_t)Cout * Ho * Wo * V : 0, [&](int b0, float* scratch) {
@@ -697,47 +727,97 @@ int lenet_bl_block_forward(const float* x, const float* w, const float* bias, fl
         Map a = kept ? kept_chunk(kept, b0, Cout, Ho, Wo) : cmap(scratch, Cout, Ho, Wo, V);
         conv_any(in, w, bias, a, K, pad, act);
         pool_chunk(a, out, k, pool == POOL_MAX);
+        if (s) affine_in_place(out, s, t, act2);
     });
     return 0;
+}
+
+int lenet_bl_block_forward(const float* x, const float* w, const float* bias, float* p, float* kept,
+                           int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                           int act, int pool, int k) {
+    return block_forward(x, w, bias, nullptr, nullptr, p, kept, Cin, Hin, Win, pad, Cout, K, B, act, pool, k, ACT_NONE);
+}
+
+// The same followed by a per-channel affine map and a second activation on the pooled output:
+// p = act2(s[c] pool(act(conv(x) + bias)) + t[c]) (LeNet-5's trainable subsampling and its squashing,
+// rounded as lenet_bl_affine_forward rounds them).
+int lenet_bl_block_affine_forward(const float* x, const float* w, const float* bias, const float* s, const float* t,
+                                  float* p, float* kept, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                                  int act, int pool, int k, int act2) {
+    if (!s || !t) return -1;
+    return block_forward(x, w, bias, s, t, p, kept, Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2);
 }
 
 // A block's backward pass, given x, the parameters and gp (the gradient of the block's output):
 // gw, gb (if not null) and gx (if not null; it needs wflip = w flipped and transposed:
 // [Cin][Cout][K][K]). The activation is read from `kept` (written by lenet_bl_block_forward) or,
 // without it, recomputed chunk by chunk (cheaper for a first layer: speed-notes.md sections 10e, 12).
-int lenet_bl_block_backward(const float* x, const float* w, const float* bias, const float* wflip,
-                            const float* kept, const float* gp, float* gx, float* gw, float* gb,
-                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
-                            int act, int pool, int k) {
-    if (B % V || !supported(K) || !codes_ok(act, pool, k)
-        || (kept && !pool)) return -1;
+static int block_backward(const float* x, const float* w, const float* bias, const float* s, const float* t,
+                          const float* wflip, const float* kept, const float* gp, float* gx, float* gw, float* gb,
+                          float* gs, float* gt, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                          int act, int pool, int k, int act2) {
+    if (B % V || !supported(K) || !codes_ok(act, pool, k) || !act_ok(act2)
+        || (kept && !pool) || (s && (!pool || !t || !gs || !gt))) return -1;
     const int Ho = Hin + 2 * pad - K + 1, Wo = Win - K + 1;
     const int Hp = pool ? Ho / k : Ho, Wp = pool ? Wo / k : Wo;
     const int goff = gx ? K - 1 : 0, gcols = Wo + 2 * goff;
-    const std::size_t nw = (std::size_t)Cout * Cin * K * K;
-    Partials part(nw + Cout);  // weight gradient, then bias gradient
+    const std::size_t nw = (std::size_t)Cout * Cin * K * K, na = s ? 2 * (std::size_t)Cout : 0;
+    Partials part(nw + Cout + na);  // weight gradient, bias gradient, then (with s) the gradients of s and t
 #pragma omp parallel num_threads(part.T)
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        std::vector<vec> acc(nw + Cout, vec{});  // weight, then bias gradient, per lane
+        std::vector<vec> acc(nw + Cout + na, vec{});  // weight, bias (, s, t) gradients, per lane
         std::vector<float> a_buf(kept ? 0 : (std::size_t)Cout * Ho * Wo * V), gz_buf((std::size_t)Cout * Ho * gcols * V);
+        std::vector<float> p_buf(s ? (std::size_t)Cout * Hp * Wp * V : 0), gq_buf(p_buf.size());
         Map a = cmap(a_buf.data(), Cout, Ho, Wo, V), gz = cmap(gz_buf.data(), Cout, Ho, gcols, V);
+        Map pooled = cmap(p_buf.data(), Cout, Hp, Wp, V), gpool = cmap(gq_buf.data(), Cout, Hp, Wp, V);
         for (int b0 = lo; b0 < hi; b0 += V) {
             Map in = cmap(x + b0, Cin, Hin, Win, B);
             if (kept) a = kept_chunk(kept, b0, Cout, Ho, Wo);
-            else if (act != ACT_NONE || pool == POOL_MAX) conv_any(in, w, bias, a, K, pad, act);  // else a is not needed
-            act_pool_backward_chunk(cmap(gp + b0, Cout, Hp, Wp, B), a, gz, goff, pool, k, act);
+            else if (act != ACT_NONE || pool == POOL_MAX || s) conv_any(in, w, bias, a, K, pad, act);  // else a is not needed
+            Map g_out = cmap(gp + b0, Cout, Hp, Wp, B);
+            if (s) {  // back through act2(s p + t): the pooled output again, then its gradient
+                pool_chunk(a, pooled, k, pool == POOL_MAX);
+                affine_backward_chunk(g_out, pooled, s, t, act2, gpool, acc.data() + nw + Cout, acc.data() + nw + 2 * Cout);
+                g_out = gpool;
+            }
+            act_pool_backward_chunk(g_out, a, gz, goff, pool, k, act);
             wgrad_any(in, gz, K, goff, pad, acc.data());
             for (int c = 0; c < Cout; ++c)
                 for (int y = 0; y < Ho; ++y)
                     for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
             if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE);
         }
-        part.add_lanes(acc, nw + Cout);
+        part.add_lanes(acc, nw + Cout + na);
     }
-    part.sum_split(gw, nw, gb);
+    std::vector<float> total(nw + Cout + na);
+    part.sum_into(total.data());
+    std::copy(total.begin(), total.begin() + nw, gw);
+    if (gb) std::copy(total.begin() + nw, total.begin() + nw + Cout, gb);
+    if (s) {
+        std::copy(total.begin() + nw + Cout, total.begin() + nw + 2 * Cout, gs);
+        std::copy(total.begin() + nw + 2 * Cout, total.end(), gt);
+    }
     return 0;
+}
+
+int lenet_bl_block_backward(const float* x, const float* w, const float* bias, const float* wflip,
+                            const float* kept, const float* gp, float* gx, float* gw, float* gb,
+                            int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
+                            int act, int pool, int k) {
+    return block_backward(x, w, bias, nullptr, nullptr, wflip, kept, gp, gx, gw, gb, nullptr, nullptr,
+                          Cin, Hin, Win, pad, Cout, K, B, act, pool, k, ACT_NONE);
+}
+
+// The backward pass of lenet_bl_block_affine_forward: also gs, gt (the gradients of s and t).
+int lenet_bl_block_affine_backward(const float* x, const float* w, const float* bias, const float* s, const float* t,
+                                   const float* wflip, const float* kept, const float* gp, float* gx, float* gw,
+                                   float* gb, float* gs, float* gt, int Cin, int Hin, int Win, int pad, int Cout,
+                                   int K, int B, int act, int pool, int k, int act2) {
+    if (!s) return -1;
+    return block_backward(x, w, bias, s, t, wflip, kept, gp, gx, gw, gb, gs, gt,
+                          Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2);
 }
 
 // A per-channel affine map, activation and pooling on a [C][H][W][B] tensor: p = pool(act(s[c] z + t[c])).
