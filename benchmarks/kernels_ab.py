@@ -62,7 +62,7 @@ def build_base(rev: str, folder: Path) -> ctypes.CDLL:
         ops.SOURCE = old_source
     lib = ctypes.CDLL(str(target))
     for name in dir(new):  # every entry point: ops.library() has set the argument types of all of them
-        if name.startswith("lenet_bl_"):
+        if name.startswith("lenet_bl_") and hasattr(lib, name):  # (a revision before it was written lacks it)
             getattr(lib, name).argtypes = getattr(new, name).argtypes
     n = 64
     mine, theirs = (ctypes.c_int * n)(), (ctypes.c_int * n)()
@@ -175,8 +175,13 @@ def compare(libs: dict[str, ctypes.CDLL], args) -> None:
             print(f"  {name:28s} {what:18s} base {t['base'] * 1e3:6.3f} ms  tree {t['tree'] * 1e3:6.3f} ms"
                   f"  tree/base {t['tree'] / t['base']:.3f}", flush=True)
     for name in args.models.split(","):
+        ops._lib = libs["tree"]  # (the warm-up, and the first build of the step, on the working tree's)
         batch, run = step_of(name)
-        t = medians(libs, args.rounds, run, 3 if name == "modern" else 10)
+        try:
+            t = medians(libs, args.rounds, run, 3 if name == "modern" else 10)
+        except AttributeError as exc:  # the base revision's kernels lack an entry point this step calls
+            print(f"  {name} step: not compared ({exc})", flush=True)
+            continue
         print(f"  {name + ' step (batch ' + str(batch) + ')':47s} base {t['base'] * 1e3:6.2f} ms  "
               f"tree {t['tree'] * 1e3:6.2f} ms  tree/base {t['tree'] / t['base']:.3f}", flush=True)
 
