@@ -658,16 +658,6 @@ static void for_each_chunk(int B, std::size_t scratch, F&& body) {
     }
 }
 
-// p = act2(s[c] p + t[c]) in place, over one chunk's pooled output (LeNet-5's subsampling after a
-// conv block's average pool), rounded as affine_chunk rounds it.
-static void affine_in_place(const Map& p, const float* s, const float* t, int act2) {
-    for (int c = 0; c < p.C; ++c) {
-        const vec sv = splat(s[c]), tv = splat(t[c]);
-        for (int y = 0; y < p.H; ++y)
-            for (int x = 0; x < p.W; ++x) store(p.at(c, y, x), activate(load(p.at(c, y, x)) * sv + tv, act2));
-    }
-}
-
 // Back through o = act2(s[c] p + t[c]) for one chunk, given go (the gradient of o): gp = s g with
 // g = go act2'(o), and the per-lane sums of g p and g into accs[c], acct[c] (as lenet_bl_affine_backward).
 static void affine_backward_chunk(const Map& go, const Map& p, const float* s, const float* t, int act2,
@@ -727,7 +717,7 @@ static int block_forward(const float* x, const float* w, const float* bias, cons
         Map a = kept ? kept_chunk(kept, b0, Cout, Ho, Wo) : cmap(scratch, Cout, Ho, Wo, V);
         conv_any(in, w, bias, a, K, pad, act);
         pool_chunk(a, out, k, pool == POOL_MAX);
-        if (s) affine_in_place(out, s, t, act2);
+        if (s) affine_chunk(out, s, t, out, out, act2, POOL_NONE, 1);  // act2(s p + t), in place
     });
     return 0;
 }
