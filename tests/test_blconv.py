@@ -153,7 +153,7 @@ def test_blocks_beyond_the_fan_in_limit_keep_their_activation(monkeypatch):
     real = blconv.ConvBlock.apply
     net, _ = blconv.batch_last(create_model("classic"))
     x = torch.randint(0, 255, (32, 28, 28), dtype=torch.uint8)
-    monkeypatch.setattr(blconv.ConvBlock, "apply", lambda *args: seen.append(args[-1]) or real(*args))
+    monkeypatch.setattr(blconv.ConvBlock, "apply", lambda *args: seen.append(args[7]) or real(*args))
     out = net(x)
     assert [n.saved_tensors[3] is not None for n in _conv_block_nodes(out)] == [True, False]  # conv2, then conv1
     out.sum().backward()
@@ -385,6 +385,63 @@ def test_c3_output_maps_read_only_their_table_s_inputs():
         changed = (runner(bumped) - base).abs().amax(dim=(0, 2, 3)) > 0
         assert changed.tolist() == [i in inputs for inputs in C3_TABLE], f"input map {i}"
     assert c3.weight.shape[0] == sum(len(t) for t in C3_TABLE) == 60
+
+
+def _c3_mask() -> torch.Tensor:
+    from lenet.models.lenet5 import C3_TABLE, PartialConv2d
+
+    return PartialConv2d(6, C3_TABLE, 5).connections()
+
+
+@needs_kernels
+@pytest.mark.parametrize("mask_of,cin,cout,k,pad,size,act,pool,sub,batch", [
+    (lambda: _c3_mask(), 6, 16, 5, 0, 14, "scaled_tanh", "avg", True, 37),  # LeNet-5's C3 with S4
+    (lambda: _c3_mask(), 6, 16, 5, 0, 14, "scaled_tanh", "avg", False, 16),
+    (lambda: torch.rand(6, 4) < 0.5, 4, 6, 3, 1, 11, "relu", "max", False, 21),  # 6 outputs, padded, odd map
+    (lambda: torch.eye(8, 5) * torch.tensor([1, 0, 1, 1, 1]), 5, 8, 5, 2, 12, "sigmoid", "none", False, 7),  # unread maps
+], ids=["c3+s4", "c3", "random", "unread maps"])
+def test_a_masked_block_equals_the_dense_block_of_its_zero_filled_weight(mask_of, cin, cout, k, pad, size, act, pool,
+                                                                          sub, batch):
+    """With a connection mask the kernels skip the unconnected kernels, whose weights are zero: the
+    output and the gradients of the input, bias, subsampling and every connected weight are those
+    of the same block without the mask, bit for bit, and the unconnected weights' gradient is zero
+    (what the dense block computes for them is discarded by PartialConv2d)."""
+    c = blconv.constants()
+    torch.manual_seed(cin * cout + k)
+    mask = mask_of().to(torch.uint8).contiguous()
+    lanes = -batch % 16 + batch
+    x = blconv.pad_cols(torch.randn(cin, size, size, lanes), pad).requires_grad_()
+    w = (torch.randn(cout, cin, k, k) * 0.3 * mask[:, :, None, None]).requires_grad_()
+    b = (torch.randn(cout) * 0.1).requires_grad_()
+    extra = [(torch.rand(cout) + 0.5).requires_grad_(), (torch.randn(cout) * 0.1).requires_grad_()] if sub else []
+    st = c.activations[ScaledTanh]
+    code, pool_code = act_of(act)[0], pool_of(pool)[0]
+    window = 1 if pool == "none" else 2
+
+    def block(m):
+        args = (extra[0] * 4.0, extra[1], st) if sub else (None, None, 0)
+        return blconv.ConvBlock.apply(x, w, b, pad, code, pool_code, window, blconv.keeps_activation(w), *args, m)
+
+    masked, dense = block(mask), block(None)
+    assert torch.equal(masked, dense)
+    g = torch.randn_like(masked)
+    leaves = [x, w, b, *extra]
+    got, want = torch.autograd.grad(masked, leaves, g), torch.autograd.grad(dense, leaves, g)
+    connected = mask.bool()[:, :, None, None].expand_as(w)
+    for i, (a, ref) in enumerate(zip(got, want)):
+        if i == 1:  # the weight: equal where connected, zero elsewhere
+            assert torch.equal(a[connected], ref[connected]) and not a[~connected].any()
+        else:
+            assert torch.equal(a, ref), f"gradient {i}"
+
+
+@needs_kernels
+def test_lenet5_s_c3_runs_with_its_connection_mask():
+    model = create_model("lenet5")
+    runner, why = blconv.batch_last(model)
+    assert runner is not None, why
+    c3 = runner.stages[1]
+    assert c3.conv is model.c3 and torch.equal(c3.mask, _c3_mask()) and int(c3.mask.sum()) == 60
 
 
 @needs_kernels

@@ -133,10 +133,10 @@ def library() -> ctypes.CDLL | None:
         _problem = f"building the batch-last kernels failed ({exc})"
         return None
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
-    lib.lenet_bl_block_forward.argtypes = ptrs * 5 + ints * 10
-    lib.lenet_bl_block_backward.argtypes = ptrs * 9 + ints * 10
-    lib.lenet_bl_block_affine_forward.argtypes = ptrs * 7 + ints * 11
-    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 13 + ints * 11
+    lib.lenet_bl_block_forward.argtypes = ptrs * 5 + ints * 10 + ptrs
+    lib.lenet_bl_block_backward.argtypes = ptrs * 9 + ints * 10 + ptrs
+    lib.lenet_bl_block_affine_forward.argtypes = ptrs * 7 + ints * 11 + ptrs
+    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 13 + ints * 11 + ptrs
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
@@ -184,14 +184,15 @@ def problem() -> str | None:
 def _self_test() -> str | None:
     """Check the freshly loaded kernels against PyTorch: three small models that use every kind of
     stage (conv blocks with both poolings and padding, BatchNorm blocks recomputed and stored,
-    LeNet-5's scaled tanh and subsampling, dense layers), forward and every gradient, on a batch
+    LeNet-5's scaled tanh, partial connections and subsampling, dense layers), forward and every gradient, on a batch
     that is not a multiple of 16. A message if anything differs."""
     g = torch.Generator().manual_seed(0)
     models = [nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2),
                             nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
                             nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 5)),
               nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
-                            nn.Conv2d(3, 4, 3), ScaledTanh(), Subsampling(4), ScaledTanh(), nn.Flatten(),
+                            PartialConv2d(3, ((0,), (0, 1), (1, 2), (0, 1, 2)), 3), ScaledTanh(), Subsampling(4),
+                            ScaledTanh(), nn.Flatten(),
                             nn.Linear(16, 7), ScaledTanh(), nn.Linear(7, 5)),
               nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.AvgPool2d(2),  # recomputed
                             nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Sigmoid(), nn.MaxPool2d(2),  # stored
@@ -275,11 +276,14 @@ class ConvBlock(torch.autograd.Function):
     the kernels recompute it there, 16 examples at a time in the core's cache. With ``scale`` and
     ``shift`` (pooled blocks only): act2(scale[c] * pool(...) + shift[c]) in the same calls, with
     the gradients of scale and shift (LeNet-5's trainable subsampling and the squashing after it).
+    ``mask``: a [Cout, Cin] uint8 tensor, nonzero where output channel o reads input channel i
+    (LeNet-5's C3); the kernels skip the other pairs, whose weights must be zero, and return zero
+    weight gradient for them.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False,
-                scale=None, shift=None, act2: int = 0):
+                scale=None, shift=None, act2: int = 0, mask=None):
         x = x.contiguous()
         w = weight.detach().contiguous()
         b = None if bias is None else bias.detach().contiguous()
@@ -291,21 +295,24 @@ class ConvBlock(torch.autograd.Function):
         c = constants()
         _check_shapes(s is None or (pool != c.pool_none and s.shape == t.shape == (cout,)), "conv block's scale",
                       w.shape, None if s is None else s.shape)
+        _check_shapes(mask is None or (mask.dtype == torch.uint8 and mask.shape == (cout, cin) and mask.is_contiguous()),
+                      "conv block's mask", w.shape, None if mask is None else mask.shape)
         keep = keep and pool != c.pool_none and (act != c.act_none or pool == c.pool_max or s is not None)
         kept = torch.empty(cout * (h + 2 * pad - ks + 1) * (wd - ks + 1) * n, dtype=torch.float32) if keep else None
         dims = (cin, h, wd, pad, cout, ks, n, act, pool, k)
         lib = _need_lib()
-        rc = (lib.lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), *dims) if s is None else
+        m = _ptr(mask)
+        rc = (lib.lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), *dims, m) if s is None else
               lib.lenet_bl_block_affine_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(out), _ptr(kept),
-                                                *dims, act2))
+                                                *dims, act2, m))
         _check(rc, "conv block", x.shape, w.shape)
-        ctx.save_for_backward(x, w, b, kept, s, t)
+        ctx.save_for_backward(x, w, b, kept, s, t, mask)
         ctx.conf = (pad, act, pool, k, act2)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, b, kept, s, t = ctx.saved_tensors
+        x, w, b, kept, s, t, mask = ctx.saved_tensors
         pad, act, pool, k, act2 = ctx.conf
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
@@ -320,16 +327,16 @@ class ConvBlock(torch.autograd.Function):
         if s is None:
             grad_s = grad_t = None
             rc = lib.lenet_bl_block_backward(_ptr(x), _ptr(w), _ptr(b), _ptr(flipped), _ptr(kept), _ptr(grad),
-                                             _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), *dims)
+                                             _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), *dims, _ptr(mask))
         else:
             grad_s, grad_t = torch.empty(cout), torch.empty(cout)
             rc = lib.lenet_bl_block_affine_backward(
                 _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(flipped), _ptr(kept), _ptr(grad), _ptr(grad_x),
-                _ptr(grad_w), _ptr(grad_b), _ptr(grad_s), _ptr(grad_t), *dims, act2)
+                _ptr(grad_w), _ptr(grad_b), _ptr(grad_s), _ptr(grad_t), *dims, act2, _ptr(mask))
         _check(rc, "conv block backward", x.shape, grad.shape)
         need_s, need_t = (ctx.needs_input_grad + (False,) * 4)[8:10]  # (False where not passed)
         return (grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None,
-                grad_s if need_s else None, grad_t if need_t else None, None)
+                grad_s if need_s else None, grad_t if need_t else None, None, None)
 
 
 def keeps_activation(weight: torch.Tensor) -> bool:
@@ -544,6 +551,8 @@ class _Conv:
         self.pad = conv.padding[0] if isinstance(conv, nn.Conv2d) else 0
         self.pad += affine[0] if affine else 0  # (a conv folded with an input layer has no padding of its own)
         self.padded = False  # True when the input's columns arrive padded (the first stage)
+        # C3's connection table: the kernels skip the kernels it leaves out (zeros in weight())
+        self.mask = conv.connections() if isinstance(conv, PartialConv2d) else None
 
     def weight(self) -> torch.Tensor:  # C3's weight is scattered into a full 6 -> 16 kernel (zeros elsewhere)
         return self.conv.dense_weight() if isinstance(self.conv, PartialConv2d) else self.conv.weight
@@ -568,10 +577,11 @@ class _Conv:
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b))
         keep = grads and keeps_activation(w)
         if self.sub is None:
-            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep)
+            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, None, None, 0, self.mask)
         sub, after = self.sub
         area = float(sub.size * sub.size)  # the block averages; the layer sums
-        return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight * area, sub.bias, after)
+        return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight * area, sub.bias, after,
+                               self.mask)
 
 
 class _ConvNorm(_Conv):

@@ -138,6 +138,12 @@ class PartialConv2d(nn.Module):
         self.bias = nn.Parameter(torch.empty(len(table)))
         self.fan_in = torch.tensor([len(inputs) * kernel_size * kernel_size for inputs in table])
 
+    def connections(self) -> torch.Tensor:
+        """(out_channels, in_channels) uint8: 1 where output map o reads input map i."""
+        mask = torch.zeros(self.out_channels, self.in_channels, dtype=torch.uint8)
+        mask[self.out_index.cpu(), self.in_index.cpu()] = 1
+        return mask
+
     def dense_weight(self) -> torch.Tensor:
         k = self.kernel_size
         full = self.weight.new_zeros(self.out_channels, self.in_channels, k, k)
