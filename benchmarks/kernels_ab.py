@@ -36,7 +36,7 @@ import torch
 from lenet.kernels import ops
 from lenet.models import create_model
 from lenet.options import TrainConfig
-from lenet.training.engine import EngineOptions, TrainStep, configure_threads
+from lenet.training.engine import EngineOptions, TrainStep, configure_threads, keep_freed_memory
 from lenet.training.loop import model_criterion
 from lenet.training.optim import make_optimizer, make_schedule
 
@@ -132,9 +132,12 @@ def block_cases():
         yield name, forward, no_grad_forward, forward_backward
 
 
-def step_of(name: str, lr: float = 0.001, optimizer: str | None = None):
+def step_of(name: str, lr: float = 0.001, optimizer: str | None = None, keep_memory: bool = True):
     """(batch size, one training step of preset `name` on a fixed random uint8 batch): its own
-    recipe (optimizer, batch size) at a constant learning rate, warmed up."""
+    recipe (optimizer, batch size) at a constant learning rate, warmed up. `keep_memory`: freed
+    memory kept for the next step, as training on the CPU does (keep_freed_memory)."""
+    if keep_memory:
+        keep_freed_memory()
     torch.manual_seed(0)
     model = create_model(name)
     extra = {"optimizer": optimizer} if optimizer else {}

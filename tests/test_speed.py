@@ -127,6 +127,51 @@ def test_threads_one_per_physical_core(monkeypatch):
         torch.set_num_threads(before)
 
 
+
+_FAULTS_PER_STEP = """
+import json, resource, sys, torch
+from lenet.data import synthetic_dataset
+from lenet.training import TrainConfig, train
+from lenet.training import engine
+step = engine.TrainStep.__call__
+counts = []
+def counted(self, x, y):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out = step(self, x, y)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return out
+engine.TrainStep.__call__ = counted
+train(TrainConfig(model=sys.argv[1], epochs=3, batch_size=256), data=synthetic_dataset(256 * 6, 64))
+print(json.dumps({"kept": engine.keep_freed_memory(), "faults": counts[-6:]}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+@pytest.mark.parametrize("model", ["classic", "lenet5"])
+def test_cpu_training_steps_reuse_freed_memory_without_page_faults(model):
+    """Training on the CPU keeps freed memory for the next step: in the last epoch the typical step
+    takes (almost) no page faults, where glibc's defaults gave hundreds a step (speed-notes.md 16;
+    a step after the epoch's evaluation may still touch new heap pages once). In a fresh process:
+    the setting is process-wide."""
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's malloc only")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    done = subprocess.run([sys.executable, "-c", _FAULTS_PER_STEP, model], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["kept"] and len(result["faults"]) == 6
+    assert sorted(result["faults"])[3] <= 8, result["faults"]  # the median step
+
+
+def test_keep_freed_memory_leaves_the_user_s_malloc_settings_alone(monkeypatch):
+    monkeypatch.setattr(engine, "_kept_memory", None)
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "100000")
+    assert engine.keep_freed_memory() is False
+    monkeypatch.setattr(engine, "_kept_memory", None)
+
 def test_evaluator_matches_plain_accuracy():
     from lenet.inspect.evaluation import accuracy
     from lenet.models import create_model

@@ -19,7 +19,8 @@ what happens to one batch, which is where the time goes:
   compiler. That step runs eagerly: what is left to compile is not worth the
   compilation's start-up. Where the kernels cannot be built or do not cover a model, PyTorch's
   convolutions are used and the step is compiled;
-* :func:`configure_threads` uses one thread per physical core (per process, under torchrun).
+* :func:`configure_threads` uses one thread per physical core (per process, under torchrun);
+  :func:`keep_freed_memory` keeps each step's freed memory for the next (no page faults).
 
 Every model works: any ``nn.Module`` taking float (N, 1, H, W) images, trained with its own
 ``criterion(scores, labels)`` if it has one, else cross-entropy.
@@ -27,7 +28,9 @@ Every model works: any ``nn.Module`` taking float (N, 1, H, W) images, trained w
 
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 import shutil
 from typing import Any, Callable
 
@@ -81,6 +84,35 @@ def configure_threads(local_world_size: int = 1) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+# glibc's mallopt parameters (malloc.h) and the values keep_freed_memory sets.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+HEAP_UP_TO = 32 << 20  # blocks up to this size come from the heap (glibc's largest allowed value)
+NEVER_TRIM = 1 << 30
+_kept_memory: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Keep the memory a training step frees for the next step instead of handing it back to the
+    kernel, which gives it back as fresh zeroed pages, one page fault at a time.
+
+    glibc's malloc returns large freed blocks (munmap, or trimming the top of a heap). A CPU training
+    step frees and allocates the same few-MB tensors and scratch buffers every time, and each
+    comes back page-faulting (hundreds of faults a step: docs/speed-notes.md, section 16). Serving
+    blocks up to 32 MB from the heap and never trimming it removes them. This is process-wide, so
+    it is done once, by training on the CPU; not where the C library is not glibc, nor where the
+    user set malloc's own tunables. Returns whether it is in effect.
+    """
+    global _kept_memory
+    if _kept_memory is None:
+        _kept_memory = False
+        tuned = "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(
+            k.startswith("MALLOC_") for k in os.environ)
+        if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc" and not tuned:
+            libc = ctypes.CDLL(None)
+            _kept_memory = bool(libc.mallopt(M_MMAP_THRESHOLD, HEAP_UP_TO) and libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
+    return _kept_memory
 
 
 def compiler_problem(device: torch.device) -> str | None:

@@ -42,7 +42,7 @@ from ..options import TrainConfig, resolve_device
 from . import distributed, runs
 from .augment import augment
 from ..inspect.live import live_plot
-from .engine import EngineOptions, Evaluator, TrainStep, configure_threads
+from .engine import EngineOptions, Evaluator, TrainStep, configure_threads, keep_freed_memory
 from .optim import make_optimizer, make_schedule
 from .state import EpochMetrics, TrainState
 
@@ -217,6 +217,8 @@ def prepare(cfg: TrainConfig, *, data: Dataset | None, run_dir: Path | None, log
     log = log if (log and world.is_main) else (lambda s: None)
     device, joined = _join(cfg, world)
     configure_threads(world.local_size)
+    if device.type == "cpu":
+        keep_freed_memory()
     model_cfg = resolve_config(cfg.model, cfg.overrides)
     if data is None:
         data = load_dataset(cfg.dataset, cfg.data_root, test_fraction=cfg.test_fraction,
