@@ -165,7 +165,9 @@ struct ConvMask {
 // MASKED: only the output channels connected to each input (mask.bits) take its multiply-adds, the
 // block's input window still loaded once for all of them; each accumulator gets the same terms in
 // the same order as without the mask, less the zero products.
-template <int K, int COB, int XB, bool MASKED>
+// ZL, ZR: the block's first ZL and last ZR input columns are known zeros (the padded output
+// gradient of an input gradient, at the row's ends): their taps are left out at compile time.
+template <int K, int COB, int XB, bool MASKED, int ZL = 0, int ZR = 0>
 static inline void conv_block(const Map& in, const float* w, const float* bias, const Map& out,
                               int pad, int co0, int y, int x0, int act, const ConvMask& mask) {
     vec acc[XB][COB];
@@ -183,8 +185,9 @@ static inline void conv_block(const Map& in, const float* w, const float* bias, 
             // Every tap unrolled, so the XB + K - 1 input columns stay in registers: a loop over kx
             // would index them at run time and keep them in memory (speed-notes.md section 13).
             vec iv[XB + K - 1];
+            constexpr int live_lo = ZL, live_hi = XB + K - 1 - ZR;  // the columns [live_lo, live_hi) are read
 #pragma GCC unroll 32
-            for (int p = 0; p < XB + K - 1; ++p) iv[p] = load(row + (std::size_t)p * in.B);
+            for (int p = 0; p < XB + K - 1; ++p) iv[p] = p >= live_lo && p < live_hi ? load(row + (std::size_t)p * in.B) : vec{};
             const float* wp = w + (std::size_t)co0 * wstride + ((std::size_t)ci * K + ky) * K;
             if constexpr (MASKED) {  // one test per output channel and row of taps
 #pragma GCC unroll 8
@@ -194,7 +197,8 @@ static inline void conv_block(const Map& in, const float* w, const float* bias, 
                     for (int kx = 0; kx < K; ++kx) {
                         vec wv = splat(wp[co * wstride + kx]);
 #pragma GCC unroll 16
-                        for (int xo = 0; xo < XB; ++xo) acc[xo][co] += wv * iv[xo + kx];
+                        for (int xo = 0; xo < XB; ++xo)
+                            if (xo + kx >= live_lo && xo + kx < live_hi) acc[xo][co] += wv * iv[xo + kx];
                     }
                 }
             } else {
@@ -204,7 +208,8 @@ static inline void conv_block(const Map& in, const float* w, const float* bias, 
                     for (int co = 0; co < COB; ++co) {
                         vec wv = splat(wp[co * wstride + kx]);
 #pragma GCC unroll 16
-                        for (int xo = 0; xo < XB; ++xo) acc[xo][co] += wv * iv[xo + kx];
+                        for (int xo = 0; xo < XB; ++xo)
+                            if (xo + kx >= live_lo && xo + kx < live_hi) acc[xo][co] += wv * iv[xo + kx];
                     }
             }
         }
@@ -213,26 +218,53 @@ static inline void conv_block(const Map& in, const float* w, const float* bias, 
         for (int xo = 0; xo < XB; ++xo) store(out.at(co0 + co, y, x0 + xo), activate(acc[xo][co], act));
 }
 
+// The block at column x0 of a row whose input has zc zero columns at each end (0: none known):
+// where its window reaches into them, the block with those taps left out. Compiled for the input
+// gradients of LeNet's 5 x 5 convolutions into 6 or 12 channels (COB 6, the family's); others
+// compute the zeros.
+template <int K, int COB, int XB, bool MASKED>
+static inline void conv_block_at(const Map& in, const float* w, const float* bias, const Map& out,
+                                 int pad, int co0, int y, int x0, int act, const ConvMask& mask, int zc) {
+    if constexpr (K == 5 && COB == 6) {
+        const int zl = std::max(0, zc - x0), zr = std::max(0, x0 + XB + K - 1 - (in.W - zc));
+        if (zc && !(zl && zr)) {
+            switch (zl) {
+                case 1: return conv_block<K, COB, XB, MASKED, 1, 0>(in, w, bias, out, pad, co0, y, x0, act, mask);
+                case 2: return conv_block<K, COB, XB, MASKED, 2, 0>(in, w, bias, out, pad, co0, y, x0, act, mask);
+                case 3: return conv_block<K, COB, XB, MASKED, 3, 0>(in, w, bias, out, pad, co0, y, x0, act, mask);
+                case 4: return conv_block<K, COB, XB, MASKED, 4, 0>(in, w, bias, out, pad, co0, y, x0, act, mask);
+            }
+            switch (zr) {
+                case 1: return conv_block<K, COB, XB, MASKED, 0, 1>(in, w, bias, out, pad, co0, y, x0, act, mask);
+                case 2: return conv_block<K, COB, XB, MASKED, 0, 2>(in, w, bias, out, pad, co0, y, x0, act, mask);
+                case 3: return conv_block<K, COB, XB, MASKED, 0, 3>(in, w, bias, out, pad, co0, y, x0, act, mask);
+                case 4: return conv_block<K, COB, XB, MASKED, 0, 4>(in, w, bias, out, pad, co0, y, x0, act, mask);
+            }
+        }
+    }
+    conv_block<K, COB, XB, MASKED>(in, w, bias, out, pad, co0, y, x0, act, mask);
+}
+
 // out = act(conv(in) + bias) for one chunk; out.H and out.W are the output's size.
 template <int K, int COB, bool MASKED>
 static void conv_rows(const Map& in, const float* w, const float* bias, const Map& out, int pad, int act,
-                      const ConvMask& mask) {
+                      const ConvMask& mask, int zc) {
     constexpr int XB = fwd_xb<K, COB>();
     const int full = out.W / XB * XB;
     for (int cb = 0; cb < out.C / COB; ++cb)
         for (int y = 0; y < out.H; ++y) {
             for (int x0 = 0; x0 < full; x0 += XB)
-                conv_block<K, COB, XB, MASKED>(in, w, bias, out, pad, cb * COB, y, x0, act, mask);
+                conv_block_at<K, COB, XB, MASKED>(in, w, bias, out, pad, cb * COB, y, x0, act, mask, zc);
             for (int x0 = full; x0 < out.W; ++x0)
-                conv_block<K, COB, 1, MASKED>(in, w, bias, out, pad, cb * COB, y, x0, act, mask);
+                conv_block_at<K, COB, 1, MASKED>(in, w, bias, out, pad, cb * COB, y, x0, act, mask, zc);
         }
 }
 
 template <int K, int COB>
 static void conv_chunk(const Map& in, const float* w, const float* bias, const Map& out, int pad, int act,
-                       const ConvMask& mask) {
-    if (mask.p) conv_rows<K, COB, true>(in, w, bias, out, pad, act, mask);
-    else conv_rows<K, COB, false>(in, w, bias, out, pad, act, mask);
+                       const ConvMask& mask, int zc) {
+    if (mask.p) conv_rows<K, COB, true>(in, w, bias, out, pad, act, mask, zc);
+    else conv_rows<K, COB, false>(in, w, bias, out, pad, act, mask, zc);
 }
 
 // gw += weight gradient of one chunk, per lane: gw[co][ci][ky][kx] += sum_{y,x} g[co][y][goff+x] *
@@ -318,30 +350,31 @@ static bool supported(int K) { return std::find(std::begin(KERNEL_SIZES), std::e
 
 template <int K>
 static void conv_k(const Map& in, const float* w, const float* bias, const Map& out, int pad, int act,
-                   const ConvMask& m) {
+                   const ConvMask& m, int zc) {
     // Masked (C3): blocks of 4 output channels x 5 columns, whose 4 broadcast weights per 20 FMAs
     // are skipped with their channel, rather than 8 x 2 (8 per 16): -18% on C3's forward (8 x 2: -8%).
-    if (m.p && out.C % 4 == 0) return conv_chunk<K, 4>(in, w, bias, out, pad, act, m);
+    if (m.p && out.C % 4 == 0) return conv_chunk<K, 4>(in, w, bias, out, pad, act, m, zc);
     switch (out.C % 8 == 0 ? 8 : out.C % 7 == 0 ? 7 : out.C % 6 == 0 ? 6 : out.C % 5 == 0 ? 5
             : out.C % 4 == 0 ? 4 : out.C % 3 == 0 ? 3 : out.C % 2 == 0 ? 2 : 1) {
-        case 8: return conv_chunk<K, 8>(in, w, bias, out, pad, act, m);
-        case 7: return conv_chunk<K, 7>(in, w, bias, out, pad, act, m);
-        case 6: return conv_chunk<K, 6>(in, w, bias, out, pad, act, m);
-        case 5: return conv_chunk<K, 5>(in, w, bias, out, pad, act, m);
-        case 4: return conv_chunk<K, 4>(in, w, bias, out, pad, act, m);
-        case 3: return conv_chunk<K, 3>(in, w, bias, out, pad, act, m);
-        case 2: return conv_chunk<K, 2>(in, w, bias, out, pad, act, m);
-        default: return conv_chunk<K, 1>(in, w, bias, out, pad, act, m);
+        case 8: return conv_chunk<K, 8>(in, w, bias, out, pad, act, m, zc);
+        case 7: return conv_chunk<K, 7>(in, w, bias, out, pad, act, m, zc);
+        case 6: return conv_chunk<K, 6>(in, w, bias, out, pad, act, m, zc);
+        case 5: return conv_chunk<K, 5>(in, w, bias, out, pad, act, m, zc);
+        case 4: return conv_chunk<K, 4>(in, w, bias, out, pad, act, m, zc);
+        case 3: return conv_chunk<K, 3>(in, w, bias, out, pad, act, m, zc);
+        case 2: return conv_chunk<K, 2>(in, w, bias, out, pad, act, m, zc);
+        default: return conv_chunk<K, 1>(in, w, bias, out, pad, act, m, zc);
     }
 }
 
+// zc: the input's first and last zc columns are zeros (an input gradient's padded output gradient).
 static void conv_any(const Map& in, const float* w, const float* bias, const Map& out, int K, int pad, int act,
-                     const ConvMask& m = {}) {
+                     const ConvMask& m = {}, int zc = 0) {
     switch (K) {
-        case 1: return conv_k<1>(in, w, bias, out, pad, act, m);
-        case 3: return conv_k<3>(in, w, bias, out, pad, act, m);
-        case 5: return conv_k<5>(in, w, bias, out, pad, act, m);
-        default: return conv_k<7>(in, w, bias, out, pad, act, m);
+        case 1: return conv_k<1>(in, w, bias, out, pad, act, m, zc);
+        case 3: return conv_k<3>(in, w, bias, out, pad, act, m, zc);
+        case 5: return conv_k<5>(in, w, bias, out, pad, act, m, zc);
+        default: return conv_k<7>(in, w, bias, out, pad, act, m, zc);
     }
 }
 
@@ -859,7 +892,7 @@ static int block_backward(const float* x, const float* w, const float* bias, con
             for (int c = 0; c < Cout; ++c)
                 for (int y = 0; y < Ho; ++y)
                     for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
-            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, cm.transposed());
+            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, cm.transposed(), goff);
         }
         part.add_lanes(acc, nw + Cout + na);
     }
@@ -1082,7 +1115,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
             for (int c = 0; c < Cout; ++c)
                 for (int y = 0; y < Ho; ++y)
                     for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
-            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE);
+            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, {}, goff);
         }
         if (gx)  // chunks wholly past n: zero input gradient
             for (int b0 = std::max(lo, (n + V - 1) / V * V); b0 < hi; b0 += V) {
