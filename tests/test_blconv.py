@@ -675,6 +675,28 @@ def test_nan_propagates_like_pytorch(overrides):
     torch.testing.assert_close(got[[0, 2]], want[[0, 2]], rtol=1e-4, atol=1e-5)
 
 
+def _subnormals(t: torch.Tensor) -> int:
+    return int(((t != 0) & (t.abs() < torch.finfo(t.dtype).tiny)).sum())
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "scaled_tanh"])
+def test_saturated_activations_equal_pytorch_without_subnormal_numbers(act):
+    """Pre-activations up to +-1e4 (a diverging run) reach the activation's limits as PyTorch's do,
+    with no subnormal float in the output or in any gradient (this CPU family computes with them
+    slowly; the exp inside the activations is clamped where its results stay normal). A 1x1
+    convolution by 1 hands the kernels these pre-activations exactly."""
+    z = torch.cat([torch.linspace(-1e4, 1e4, 2001), torch.linspace(-120, 120, 2401)])
+    x = z[torch.randperm(len(z), generator=torch.Generator().manual_seed(3))][:4400].view(16, 1, 275, 1)
+    w, b = torch.ones(1, 1, 1, 1, requires_grad=True), torch.zeros(1, requires_grad=True)
+    act_code, act_fn = act_of(act)
+    xb = _to_bl(x).requires_grad_()
+    got = blconv.ConvBlock.apply(xb, w, b, 0, act_code, blconv.constants().pool_none, 1, False)
+    torch.testing.assert_close(_from_bl(got.detach()), act_fn(x), rtol=1e-6, atol=1e-6)
+    got.backward(torch.ones_like(got))
+    assert [_subnormals(t) for t in (got, xb.grad, w.grad, b.grad)] == [0, 0, 0, 0]
+
+
 def test_kernels_that_fail_their_check_are_not_used(monkeypatch):
     require_compiler()
     monkeypatch.setattr(blconv, "_loaded", False)

@@ -59,6 +59,11 @@ static inline void my_lanes(int B, int& lo, int& hi) {
 // exp for 16 floats (Cephes' expf: range reduction to [-ln2/2, ln2/2], degree-6 polynomial,
 // scaling by 2^n); relative error ~1e-7 over the clamped range. With AVX-512, rounding and the
 // scaling are single instructions (roundscale, scalef) and 1/x is rcp14 plus a Newton step.
+// The argument is clamped to +-87, where both e^x and 1 / (1 + e^x) are normal floats: a
+// saturated activation (a diverging run) would otherwise make subnormal numbers, which this CPU
+// family computes with slowly (a lenet5 step 10-20% slower; docs/speed-notes.md section 16). The
+// activations built on it reach 0, 1 or +-1 to float precision long before that.
+static const float EXP_LIMIT = 87.0f;
 typedef int ivec __attribute__((vector_size(64)));
 
 static inline vec exp_poly(vec r) {  // e^r for |r| <= ln2/2
@@ -74,8 +79,8 @@ static inline vec exp_poly(vec r) {  // e^r for |r| <= ln2/2
 #ifdef __AVX512F__
 #include <immintrin.h>
 static inline vec vexp(vec x) {
-    x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;  // (written so that NaN stays NaN)
-    x = x < -88.3762626647949f ? splat(-88.3762626647949f) : x;
+    x = x > EXP_LIMIT ? splat(EXP_LIMIT) : x;  // (written so that NaN stays NaN)
+    x = x < -EXP_LIMIT ? splat(-EXP_LIMIT) : x;
     vec fn = (vec)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     vec r = x - fn * 0.693359375f + fn * 2.12194440e-4f;
     return (vec)_mm512_scalef_ps((__m512)exp_poly(r), (__m512)fn);
@@ -86,8 +91,8 @@ static inline vec vrecip(vec d) {
 }
 #else
 static inline vec vexp(vec x) {
-    x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;  // (written so that NaN stays NaN)
-    x = x < -88.3762626647949f ? splat(-88.3762626647949f) : x;
+    x = x > EXP_LIMIT ? splat(EXP_LIMIT) : x;  // (written so that NaN stays NaN)
+    x = x < -EXP_LIMIT ? splat(-EXP_LIMIT) : x;
     vec fx = x * 1.44269504088896341f + 0.5f;
     ivec n = __builtin_convertvector(fx, ivec);              // truncates toward zero ...
     vec fn = __builtin_convertvector(n, vec);
