@@ -272,8 +272,9 @@ def train_epoch(run: Run, epoch: int, bar: "Progress") -> tuple[float, float, in
         prepare_epoch(state.model, to_float(run.train_x[perm[:500]]))
     for i in range(run.steps):
         idx = distributed.shard(perm[i * cfg.batch_size:(i + 1) * cfg.batch_size], run.world)
-        y = run.train_y[idx]
-        loss, batch_correct = run.step(augment(run.train_x[idx], cfg.shift, cfg.flip), y)
+        # index_select, not train_x[idx]: the same batch, gathered 5x faster on the CPU (speed-notes 17)
+        x, y = run.train_x.index_select(0, idx), run.train_y.index_select(0, idx)
+        loss, batch_correct = run.step(augment(x, cfg.shift, cfg.flip), y)
         loss_sum += loss * y.shape[0]
         correct += batch_correct
         count += y.shape[0]
