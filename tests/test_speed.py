@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -173,7 +174,11 @@ def _heap_sizes(arm):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+# The heap tests read glibc's malloc statistics (and libc_ver() is ("", "") off glibc)
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+
+
+@glibc_only
 @pytest.mark.parametrize("model", ["classic", "lenet5"])
 def test_cpu_training_keeps_the_memory_its_steps_free(model):
     """Training on the CPU keeps freed memory for the next step: the heap grows to the steps' working
@@ -183,24 +188,16 @@ def test_cpu_training_keeps_the_memory_its_steps_free(model):
     (benchmarks/malloc_ab.py; speed-notes.md 16): a step that grows the heap still touches new
     pages, and when that ends varies between machines. In fresh processes: the setting is
     process-wide."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's malloc only")
     kept = _heap_sizes(model)
     assert kept["kept"] is True and len(kept["heap"]) == 18
     assert all(after >= before for before, after in zip(kept["heap"], kept["heap"][1:])), kept["heap"]
     assert kept["given_back"] == 0
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc only")
+@glibc_only
 def test_glibc_defaults_hand_the_probe_s_memory_back():
     """What keeping freed memory removes, seen by the same probe: without training (so without the
     setting) glibc gives the freed 96 MB back to the kernel."""
-    import platform
-
-    if platform.libc_ver()[0] != "glibc":
-        pytest.skip("glibc's malloc only")
     defaults = _heap_sizes("defaults")
     assert defaults["kept"] is None and defaults["given_back"] > 64 << 20
 
