@@ -356,13 +356,12 @@ class DenseBlock(torch.autograd.Function):
     def forward(ctx, x, weight, bias, act: int):
         x = x.contiguous()
         w = weight.detach().contiguous()
-        wt = w.t().contiguous()
         b = None if bias is None else bias.detach().contiguous()
         fin, n = x.shape
         fout = w.shape[0]
         _check_shapes(w.shape[1] == fin and x.dtype == w.dtype == torch.float32, "dense layer", x.shape, w.shape)
         y = torch.empty((fout, n))
-        _check(_need_lib().lenet_bl_dense_forward(_ptr(x), _ptr(wt), _ptr(b), _ptr(y), fin, fout, n, act),
+        _check(_need_lib().lenet_bl_dense_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(y), fin, fout, n, act),
                "dense layer", x.shape, w.shape)
         ctx.save_for_backward(x, w, b, y)
         ctx.act = act

@@ -478,23 +478,25 @@ static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, 
 
 // ---- dense layers in the same layout: x [Fin][B] -> y [Fout][B] --------------------------------
 
-// y = act(Wt^T x + b) for one register block: OB outputs x LB lane vectors (16 examples each).
-// Wt is the weight transposed, [Fin][Fout], so the OB weights of one input are adjacent.
+// y = act(T x + b) for one register block: OB outputs x LB lane vectors (16 examples each). The
+// weight of input i for output o is T[i * is + o * os]: the weight as stored, [Fout][Fin] (is 1,
+// os Fin: the forward pass), or read as its transpose (is Fout', os 1: the input gradient W^T gz).
 // x rows are xB floats apart, y rows yB floats apart.
 template <int OB, int LB>
-static inline void dense_block(const float* x, int xB, const float* Wt, const float* bias, float* y, int yB,
-                               int Fin, int Fout, int o0, int act) {
+static inline void dense_block(const float* x, int xB, const float* T, std::size_t is, std::size_t os,
+                               const float* bias, float* y, int yB, int Fin, int o0, int act) {
     vec acc[OB][LB];
     for (int ob = 0; ob < OB; ++ob) {
         vec bv = splat(bias ? bias[o0 + ob] : 0.0f);
         for (int l = 0; l < LB; ++l) acc[ob][l] = bv;
     }
+    const float* wo = T + (std::size_t)o0 * os;
     for (int i = 0; i < Fin; ++i) {
         vec xv[LB];
         for (int l = 0; l < LB; ++l) xv[l] = load(x + (std::size_t)i * xB + l * V);
-        const float* wr = Wt + (std::size_t)i * Fout + o0;
+        const float* wr = wo + (std::size_t)i * is;
         for (int ob = 0; ob < OB; ++ob) {
-            vec wv = splat(wr[ob]);
+            vec wv = splat(wr[ob * os]);
             for (int l = 0; l < LB; ++l) acc[ob][l] += wv * xv[l];
         }
     }
@@ -502,18 +504,18 @@ static inline void dense_block(const float* x, int xB, const float* Wt, const fl
         for (int l = 0; l < LB; ++l) store(y + (std::size_t)(o0 + ob) * yB + l * V, activate(acc[ob][l], act));
 }
 
-// Lanes [0, n) of x and y (n a multiple of 16), all outputs.
-static void dense_lanes(const float* x, int xB, const float* Wt, const float* bias, float* y, int yB,
-                        int Fin, int Fout, int n, int act) {
+// Lanes [0, n) of x and y (n a multiple of 16), all outputs; T, is, os as in dense_block.
+static void dense_lanes(const float* x, int xB, const float* T, std::size_t is, std::size_t os, const float* bias,
+                        float* y, int yB, int Fin, int Fout, int n, int act) {
     const int ofull = Fout / 6 * 6;
     int l0 = 0;
     for (; l0 + 4 * V <= n; l0 += 4 * V) {
-        for (int o0 = 0; o0 < ofull; o0 += 6) dense_block<6, 4>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
-        for (int o0 = ofull; o0 < Fout; ++o0) dense_block<1, 4>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
+        for (int o0 = 0; o0 < ofull; o0 += 6) dense_block<6, 4>(x + l0, xB, T, is, os, bias, y + l0, yB, Fin, o0, act);
+        for (int o0 = ofull; o0 < Fout; ++o0) dense_block<1, 4>(x + l0, xB, T, is, os, bias, y + l0, yB, Fin, o0, act);
     }
     for (; l0 < n; l0 += V) {
-        for (int o0 = 0; o0 < ofull; o0 += 6) dense_block<6, 1>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
-        for (int o0 = ofull; o0 < Fout; ++o0) dense_block<1, 1>(x + l0, xB, Wt, bias, y + l0, yB, Fin, Fout, o0, act);
+        for (int o0 = 0; o0 < ofull; o0 += 6) dense_block<6, 1>(x + l0, xB, T, is, os, bias, y + l0, yB, Fin, o0, act);
+        for (int o0 = ofull; o0 < Fout; ++o0) dense_block<1, 1>(x + l0, xB, T, is, os, bias, y + l0, yB, Fin, o0, act);
     }
 }
 
@@ -1135,22 +1137,22 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
     return 0;
 }
 
-// y = act(W x + b): x [Fin][B], Wt = W transposed [Fin][Fout], y [Fout][B].
-int lenet_bl_dense_forward(const float* x, const float* Wt, const float* bias, float* y,
+// y = act(W x + b): x [Fin][B], W [Fout][Fin] as stored (no transposed copy), y [Fout][B].
+int lenet_bl_dense_forward(const float* x, const float* W, const float* bias, float* y,
                            int Fin, int Fout, int B, int act) {
     if (B % V || !act_ok(act)) return -1;
 #pragma omp parallel
     {
         int lo, hi;
         my_lanes(B, lo, hi);
-        dense_lanes(x + lo, B, Wt, bias, y + lo, B, Fin, Fout, hi - lo, act);
+        dense_lanes(x + lo, B, W, 1, Fin, bias, y + lo, B, Fin, Fout, hi - lo, act);
     }
     return 0;
 }
 
 // Backward of y = act(W x + b) given y and its gradient gy, except the weight gradient: gz (the
 // gradient before the activation, [Fout][B]), gb (if not null) and gx = W^T gz (if not null; W
-// is [Fout][Fin] as stored, which is the transposed table this product needs). The weight
+// [Fout][Fin] as stored, read as its transpose). The weight
 // gradient gz x^T is a plain matrix product that lenet/kernels/ops.py leaves to PyTorch's BLAS: here
 // it would need a horizontal sum per weight over only 128 lanes per thread.
 int lenet_bl_dense_backward(const float* W, const float* y, const float* gy, float* gz,
@@ -1174,7 +1176,7 @@ int lenet_bl_dense_backward(const float* W, const float* y, const float* gy, flo
             for (int k = 0; k < V; ++k) s += bs[k];
             mine[o] += s;
         }
-        if (gx && hi > lo) dense_lanes(gz + lo, B, W, nullptr, gx + lo, B, Fout, Fin, hi - lo, ACT_NONE);
+        if (gx && hi > lo) dense_lanes(gz + lo, B, W, Fin, 1, nullptr, gx + lo, B, Fout, Fin, hi - lo, ACT_NONE);
     }
     if (gb) part.sum_into(gb);
     return 0;
