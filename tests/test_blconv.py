@@ -518,6 +518,19 @@ def test_uint8_batches_go_straight_in():
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch", [1, 17, 96, 256])
+@pytest.mark.parametrize("pad", [0, 2])
+def test_images_are_laid_out_as_pytorch_scales_and_pads_them(batch, pad):
+    """The kernels' one-pass layout of uint8 images equals x.float() / 255 permuted to [1, H, W + 2
+    pad, B] with zero columns and zero lanes, bit for bit (odd batches leave lanes to fill)."""
+    images = torch.randint(0, 256, (batch, 28, 28), dtype=torch.uint8)
+    want = F.pad(images.permute(1, 2, 0).unsqueeze(0).float() / 255.0, (0, -batch % blconv.constants().lanes, pad, pad))
+    got = blconv.images(images, pad)
+    assert got.shape == want.shape and torch.equal(got, want)
+    assert torch.equal(blconv.images(images[::2], pad), blconv.images(images[::2].contiguous(), pad))  # any strides
+
+
+@needs_kernels
 def test_models_the_kernels_do_not_cover_are_left_alone():
     for name, overrides in [("classic", {"pool": "conv"}), ("classic", {"norm": "layer"}),
                             ("classic", {"activation": "gelu"}), ("modern", {"pool": "conv"})]:

@@ -137,6 +137,7 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_block_backward.argtypes = ptrs * 9 + ints * 10 + ptrs
     lib.lenet_bl_block_affine_forward.argtypes = ptrs * 7 + ints * 11 + ptrs
     lib.lenet_bl_block_affine_backward.argtypes = ptrs * 13 + ints * 11 + ptrs
+    lib.lenet_bl_images.argtypes = ptrs * 2 + ints * 5
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
@@ -254,6 +255,17 @@ def _check(rc: int, what: str, *shapes) -> None:
 def pad_cols(x: torch.Tensor, pad: int) -> torch.Tensor:
     """Zero-pad the columns of a [C, H, W, B] tensor (the kernels pad rows themselves)."""
     return F.pad(x, (0, 0, pad, pad)) if pad else x
+
+
+def images(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """uint8 images (N, H, W) as the kernels' input: [1, H, W + 2 pad, B] floats x / 255 (as
+    ``x.float() / 255``, bit for bit), the columns zero-padded, B = N rounded up to whole lanes
+    (zeros). One pass in the kernels instead of a uint8 copy in the layout and a float pass."""
+    n, h, w = x.shape
+    x = x.contiguous()
+    out = torch.empty((1, h, w + 2 * pad, n + -n % constants().lanes))
+    _check(_need_lib().lenet_bl_images(_ptr(x), _ptr(out), n, h, w, pad, out.shape[-1]), "images", x.shape)
+    return out
 
 
 def _conv_output(x: torch.Tensor, w: torch.Tensor, pad: int, pool: int, k: int, what: str) -> torch.Tensor:
@@ -694,8 +706,8 @@ class BatchLast(nn.Module):
         n = x.shape[0]
         lanes = -n % constants().lanes  # padded examples are zeros; their scores are dropped at the end
         p = self.first_pad
-        if x.dtype == torch.uint8:  # one small uint8 copy in the layout, then one float pass
-            h = F.pad(x.permute(1, 2, 0).unsqueeze(0), (0, lanes, p, p)).float().div_(255.0)
+        if x.dtype == torch.uint8:
+            h = images(x, p)
         else:
             h = F.pad(x.permute(1, 2, 3, 0), (0, lanes, p, p))
         for stage in self.stages:

@@ -1137,6 +1137,35 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
     return 0;
 }
 
+// uint8 images [N][H][W] to the layout: out [H][W + 2p][B] = x / 255 (PyTorch's x.float() / 255,
+// a true division, bit for bit), zero in the p padding columns each side and in lanes N..B-1. One
+// pass: each 16-lane vector is gathered from 16 images that stay in L1 while the chunk is written.
+int lenet_bl_images(const unsigned char* x, float* out, int N, int H, int W, int p, int B) {
+    if (B % V || N < 0 || N > B || p < 0) return -1;
+    const int Wp = W + 2 * p;
+    const std::size_t image = (std::size_t)H * W;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        for (int b0 = lo; b0 < hi; b0 += V) {
+            const int n = std::min(V, std::max(0, N - b0));  // real images in this chunk
+            const unsigned char* first = x + (std::size_t)b0 * image;
+            for (int r = 0; r < H; ++r)
+                for (int c = 0; c < Wp; ++c) {
+                    vec v = vec{};
+                    if (c >= p && c < p + W) {
+                        const unsigned char* px = first + (std::size_t)r * W + (c - p);
+                        for (int l = 0; l < n; ++l) v[l] = (float)px[l * image];
+                        v = v / splat(255.0f);
+                    }
+                    store(out + ((std::size_t)r * Wp + c) * B + b0, v);
+                }
+        }
+    }
+    return 0;
+}
+
 // y = act(W x + b): x [Fin][B], W [Fout][Fin] as stored (no transposed copy), y [Fout][B].
 int lenet_bl_dense_forward(const float* x, const float* W, const float* bias, float* y,
                            int Fin, int Fout, int B, int act) {
