@@ -531,6 +531,33 @@ def test_images_are_laid_out_as_pytorch_scales_and_pads_them(batch, pad):
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch", [1, 17, 256])
+@pytest.mark.parametrize("classes,sign", [(10, -1.0), (10, 1.0), (13, -1.0)])
+def test_the_rbf_block_and_its_gradient_equal_pytorch(batch, classes, sign):
+    """LeNet-5's output units (and the Negate folded in with sign -1) against squared_distances
+    and autograd, with odd batches (padded lanes) and extra units beyond the 10 digit bitmaps."""
+    from lenet.models.lenet5 import digit_prototypes, squared_distances
+    torch.manual_seed(0)
+    protos = digit_prototypes(classes)
+    x = (torch.randn(batch, 84).tanh() * 1.7159).requires_grad_()
+    want = sign * squared_distances(x, protos)
+    g = torch.randn_like(want)
+    (want_grad,) = torch.autograd.grad(want, x, g)
+    lanes = -batch % blconv.constants().lanes
+    h = F.pad(x.detach().t(), (0, lanes)).requires_grad_()
+    got = blconv.RBFBlock.apply(h, protos, sign)
+    got.backward(F.pad(g.t(), (0, lanes)))
+    torch.testing.assert_close(got[:, :batch].t(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(h.grad[:, :batch].t(), want_grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_lenet5_s_output_runs_on_the_kernels_as_its_last_stage():
+    runner, _ = blconv.batch_last(create_model("lenet5"))
+    assert isinstance(runner.stages[-1], blconv._RBF) and runner.stages[-1].sign == -1.0 and runner.rest == []
+
+
+@needs_kernels
 def test_models_the_kernels_do_not_cover_are_left_alone():
     for name, overrides in [("classic", {"pool": "conv"}), ("classic", {"norm": "layer"}),
                             ("classic", {"activation": "gelu"}), ("modern", {"pool": "conv"})]:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.layers import ScaledTanh, Subsampling
-from ..models.lenet5 import PartialConv2d
+from ..models.lenet5 import EuclideanRBF, Negate, PartialConv2d
 
 SOURCE = Path(__file__).with_name("csrc") / "blconv.cpp"
 
@@ -140,6 +140,8 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_images.argtypes = ptrs * 2 + ints * 5
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
+    lib.lenet_bl_rbf_forward.argtypes = ptrs * 3 + ints * 3 + [ctypes.c_float]
+    lib.lenet_bl_rbf_backward.argtypes = ptrs * 4 + ints * 3 + [ctypes.c_float]
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
     lib.lenet_bl_affine_backward.argtypes = ptrs * 7 + ints * 7
     lib.lenet_bl_channel_stats.argtypes = ptrs + ints * 5 + ptrs * 2
@@ -396,6 +398,33 @@ class DenseBlock(torch.autograd.Function):
         return grad_x, grad_w, grad_b if need_b else None, None
 
 
+class RBFBlock(torch.autograd.Function):
+    """sign x sum_d (x_d - p_kd)^2 for x: [D, B] and fixed prototypes p: [K, D] (LeNet-5's RBF
+    output; sign -1 with the Negate after it), out: [K, B], and its input gradient, each one call."""
+
+    @staticmethod
+    def forward(ctx, x, prototypes, sign: float):
+        x, p = x.contiguous(), prototypes.detach().contiguous()
+        d, n = x.shape
+        _check_shapes(p.dim() == 2 and p.shape[1] == d and x.dtype == p.dtype == torch.float32, "RBF layer",
+                      x.shape, p.shape)
+        out = torch.empty((p.shape[0], n))
+        _check(_need_lib().lenet_bl_rbf_forward(_ptr(x), _ptr(p), _ptr(out), d, p.shape[0], n, sign),
+               "RBF layer", x.shape)
+        ctx.save_for_backward(x, p)
+        ctx.sign = sign
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, p = ctx.saved_tensors
+        grad = grad.contiguous()
+        grad_x = torch.empty_like(x)
+        _check(_need_lib().lenet_bl_rbf_backward(_ptr(x), _ptr(p), _ptr(grad), _ptr(grad_x), x.shape[0], p.shape[0],
+                                                 x.shape[1], ctx.sign), "RBF layer backward", x.shape, grad.shape)
+        return grad_x, None, None
+
+
 class AffineBlock(torch.autograd.Function):
     """pool(act(scale[c] * z + shift[c])) for z: [C, H, W, B], and its backward pass (gradients of
     z, scale and shift), each one call into the kernels. BatchNorm is this with scale and shift
@@ -539,8 +568,9 @@ class ConvBatchNormBlock(torch.autograd.Function):
 #   elementwise activation, forward_batch_last(h)      PyTorch on the batch-last tensor
 #   AdaptiveAvgPool2d(1), Flatten                      reductions and reshapes in the layout
 #   Linear [-> act]                                    one DenseBlock
+#   EuclideanRBF [-> Negate]                           one RBFBlock (LeNet-5's output, its scores)
 #
-# The layers after the first one no stage covers (an RBF output, dropout, ...) run as usual on
+# The layers after the first one no stage covers (dropout, ...) run as usual on
 # the (N, ...) tensor. A model with a convolution among those is not run at all (None, why).
 
 
@@ -668,6 +698,14 @@ class _Dense:
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
         return DenseBlock.apply(h, self.linear.weight, self.linear.bias, self.act)
+
+
+class _RBF:
+    def __init__(self, rbf: EuclideanRBF, negate: bool):
+        self.rbf, self.sign = rbf, -1.0 if negate else 1.0
+
+    def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
+        return RBFBlock.apply(h, self.rbf.prototypes, self.sign)
 
 
 ELEMENTWISE = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.GELU, nn.Identity, ScaledTanh)
@@ -815,6 +853,10 @@ def _plan(layers: list[nn.Module]) -> tuple[list, int]:
             if i + 1 < len(layers) and type(layers[i + 1]) in codes.activations:
                 act, i = codes.activations[type(layers[i + 1])], i + 1
             stages.append(_Dense(m, act))
+        elif flat and isinstance(m, EuclideanRBF) and m.prototypes.dtype == torch.float32:
+            negate = i + 1 < len(layers) and type(layers[i + 1]) is Negate  # LeNet-5's scores: folded in
+            stages.append(_RBF(m, negate))
+            i += negate
         else:
             break
         i += 1

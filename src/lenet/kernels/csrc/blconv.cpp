@@ -1179,6 +1179,50 @@ int lenet_bl_dense_forward(const float* x, const float* W, const float* bias, fl
     return 0;
 }
 
+// LeNet-5's output layer in the layout: RBF units y_k = sum_d (x_d - P_kd)^2 for x [D][B] and fixed
+// prototypes P [K][D], written as out [K][B] = sign y (sign -1: the scores, the Negate after it).
+int lenet_bl_rbf_forward(const float* x, const float* P, float* out, int D, int K, int B, float sign) {
+    if (B % V) return -1;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        for (int b0 = lo; b0 < hi; b0 += V)
+            for (int k = 0; k < K; ++k) {
+                const float* p = P + (std::size_t)k * D;
+                vec acc = vec{};
+                for (int d = 0; d < D; ++d) {
+                    vec diff = load(x + (std::size_t)d * B + b0) - splat(p[d]);
+                    acc += diff * diff;
+                }
+                store(out + (std::size_t)k * B + b0, acc * splat(sign));
+            }
+    }
+    return 0;
+}
+
+// Its input gradient for g = d loss / d out [K][B]: gx_d = 2 sign (x_d sum_k g_k - sum_k g_k P_kd).
+int lenet_bl_rbf_backward(const float* x, const float* P, const float* g, float* gx, int D, int K, int B,
+                          float sign) {
+    if (B % V) return -1;
+#pragma omp parallel
+    {
+        int lo, hi;
+        my_lanes(B, lo, hi);
+        for (int b0 = lo; b0 < hi; b0 += V) {
+            vec total = vec{};
+            for (int k = 0; k < K; ++k) total += load(g + (std::size_t)k * B + b0);
+            for (int d = 0; d < D; ++d) {
+                vec gp = vec{};
+                for (int k = 0; k < K; ++k) gp += load(g + (std::size_t)k * B + b0) * splat(P[(std::size_t)k * D + d]);
+                const std::size_t at = (std::size_t)d * B + b0;
+                store(gx + at, (load(x + at) * total - gp) * splat(2.0f * sign));
+            }
+        }
+    }
+    return 0;
+}
+
 // Backward of y = act(W x + b) given y and its gradient gy, except the weight gradient: gz (the
 // gradient before the activation, [Fout][B]), gb (if not null) and gx = W^T gz (if not null; W
 // [Fout][Fin] as stored, read as its transpose). The weight
