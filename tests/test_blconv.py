@@ -527,7 +527,9 @@ def test_images_are_laid_out_as_pytorch_scales_and_pads_them(batch, pad):
     want = F.pad(images.permute(1, 2, 0).unsqueeze(0).float() / 255.0, (0, -batch % blconv.constants().lanes, pad, pad))
     got = blconv.images(images, pad)
     assert got.shape == want.shape and torch.equal(got, want)
-    assert torch.equal(blconv.images(images[::2], pad), blconv.images(images[::2].contiguous(), pad))  # any strides
+    half = images[::2]  # any strides
+    want_half = F.pad(half.permute(1, 2, 0).unsqueeze(0).float() / 255.0, (0, -half.shape[0] % blconv.constants().lanes, pad, pad))
+    assert torch.equal(blconv.images(half, pad), want_half)
 
 
 @needs_kernels
@@ -549,6 +551,45 @@ def test_the_rbf_block_and_its_gradient_equal_pytorch(batch, classes, sign):
     got.backward(F.pad(g.t(), (0, lanes)))
     torch.testing.assert_close(got[:, :batch].t(), want, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(h.grad[:, :batch].t(), want_grad, rtol=1e-5, atol=1e-5)
+    assert not h.grad[:, batch:].any()  # padded lanes get no gradient
+
+
+def _rbf_head(*tail):
+    from lenet.models.lenet5 import EuclideanRBF, digit_prototypes
+    return nn.Sequential(nn.Conv2d(1, 4, 5), nn.Tanh(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(4 * 12 * 12, 84),
+                         ScaledTanh(), EuclideanRBF(digit_prototypes(13)), *tail)
+
+
+@needs_kernels
+@pytest.mark.parametrize("tail,sign,rest", [
+    ((), 1.0, []),                                         # an RBF output alone: the penalties
+    (("negate",), -1.0, []),                               # LeNet-5's scores
+    (("negate", "linear"), -1.0, []),                      # a linear layer after it chains from its 13 units
+    (("dropout", "negate"), None, ["Dropout", "EuclideanRBF", "Negate"]),  # not an RBF stage: the layers run as usual
+])
+def test_an_rbf_output_is_planned_with_what_follows_it(tail, sign, rest):
+    from lenet.models.lenet5 import Negate
+    made = {"negate": Negate, "linear": lambda: nn.Linear(13, 3), "dropout": lambda: nn.Dropout(0.0)}
+    model = _rbf_head(*(made[t]() for t in tail))
+    if tail[:1] == ("dropout",):  # the dropout before the RBF: move it there
+        layers = list(model)
+        model = nn.Sequential(*layers[:6], layers[7], layers[6], *layers[8:])
+    torch.manual_seed(0)
+    runner, why = blconv.batch_last(model)
+    assert runner is not None, why
+    rbfs = [st for st in runner.stages if isinstance(st, blconv._RBF)]
+    assert [st.sign for st in rbfs] == ([sign] if sign is not None else [])
+    assert [type(m).__name__ for m in runner.rest] == rest
+    model.eval()
+    _model_and_runner_agree(model, torch.rand(19, 1, 28, 28), training=False)
+
+
+@needs_kernels
+def test_images_refuse_what_is_not_a_uint8_batch():
+    with pytest.raises(RuntimeError, match="images"):
+        blconv.images(torch.rand(4, 28, 28), 0)
+    with pytest.raises(RuntimeError, match="images"):
+        blconv.images(torch.zeros(4, 1, 28, 28, dtype=torch.uint8), 0)
 
 
 @needs_kernels

@@ -187,16 +187,18 @@ def problem() -> str | None:
 def _self_test() -> str | None:
     """Check the freshly loaded kernels against PyTorch: three small models that use every kind of
     stage (conv blocks with both poolings and padding, BatchNorm blocks recomputed and stored,
-    LeNet-5's scaled tanh, partial connections and subsampling, dense layers), forward and every gradient, on a batch
-    that is not a multiple of 16. A message if anything differs."""
+    LeNet-5's scaled tanh, partial connections and subsampling, dense layers, RBF outputs with
+    and without the negation), forward and every gradient, on a batch that is not a multiple of
+    16, and the layout of uint8 images. A message if anything differs."""
     g = torch.Generator().manual_seed(0)
     models = [nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Sigmoid(), nn.MaxPool2d(2),
                             nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                            nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 5)),
+                            nn.Linear(16, 7), nn.Tanh(), nn.Linear(7, 5), EuclideanRBF(torch.randn(3, 5, generator=g))),
               nn.Sequential(nn.Conv2d(1, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
                             PartialConv2d(3, ((0,), (0, 1), (1, 2), (0, 1, 2)), 3), ScaledTanh(), Subsampling(4),
                             ScaledTanh(), nn.Flatten(),
-                            nn.Linear(16, 7), ScaledTanh(), nn.Linear(7, 5)),
+                            nn.Linear(16, 7), ScaledTanh(), nn.Linear(7, 5), EuclideanRBF(torch.randn(6, 5, generator=g)),
+                            Negate()),
               nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(), nn.AvgPool2d(2),  # recomputed
                             nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Sigmoid(), nn.MaxPool2d(2),  # stored
                             nn.Flatten(), nn.Linear(16, 5))]
@@ -207,6 +209,9 @@ def _self_test() -> str | None:
         bad = _compare_with_pytorch(model, torch.rand(21, 1, 12, 12, generator=g))
         if bad:
             return f"test model {index + 1}: {bad}"
+    u8 = torch.randint(0, 256, (21, 12, 12), dtype=torch.uint8, generator=g)
+    if not torch.equal(images(u8, 1), F.pad(u8.permute(1, 2, 0)[None].float() / 255.0, (0, 11, 1, 1))):
+        return "the images' layout differs from x.float() / 255"
     return None
 
 
@@ -263,9 +268,11 @@ def images(x: torch.Tensor, pad: int) -> torch.Tensor:
     """uint8 images (N, H, W) as the kernels' input: [1, H, W + 2 pad, B] floats x / 255 (as
     ``x.float() / 255``, bit for bit), the columns zero-padded, B = N rounded up to whole lanes
     (zeros). One pass in the kernels instead of a uint8 copy in the layout and a float pass."""
+    _check_shapes(x.dtype == torch.uint8 and x.dim() == 3 and x.device.type == "cpu" and pad >= 0, "images",
+                  x.shape)
     n, h, w = x.shape
     x = x.contiguous()
-    out = torch.empty((1, h, w + 2 * pad, n + -n % constants().lanes))
+    out = torch.empty((1, h, w + 2 * pad, n + -n % constants().lanes), dtype=torch.float32)
     _check(_need_lib().lenet_bl_images(_ptr(x), _ptr(out), n, h, w, pad, out.shape[-1]), "images", x.shape)
     return out
 
@@ -853,7 +860,7 @@ def _plan(layers: list[nn.Module]) -> tuple[list, int]:
             if i + 1 < len(layers) and type(layers[i + 1]) in codes.activations:
                 act, i = codes.activations[type(layers[i + 1])], i + 1
             stages.append(_Dense(m, act))
-        elif flat and isinstance(m, EuclideanRBF) and m.prototypes.dtype == torch.float32:
+        elif flat and type(m) is EuclideanRBF and m.prototypes.dtype == torch.float32 and not m.prototypes.requires_grad:
             negate = i + 1 < len(layers) and type(layers[i + 1]) is Negate  # LeNet-5's scores: folded in
             stages.append(_RBF(m, negate))
             i += negate
@@ -867,8 +874,9 @@ def _chain_problem(stages: list) -> str | None:
     convs = [s.conv for s in stages if isinstance(s, _Conv)]
     if any(b.in_channels != a.out_channels for a, b in zip(convs, convs[1:])):
         return "its convolutions' channel counts do not chain (PyTorch would refuse it too)"
-    dense = [s.linear for s in stages if isinstance(s, _Dense)]
-    if any(b.in_features != a.out_features for a, b in zip(dense, dense[1:])):
+    sizes = [(s.linear.in_features, s.linear.out_features) if isinstance(s, _Dense) else tuple(s.rbf.prototypes.shape[::-1])
+             for s in stages if isinstance(s, (_Dense, _RBF))]  # (inputs, outputs) of each flat stage
+    if any(b[0] != a[1] for a, b in zip(sizes, sizes[1:])):
         return "its linear layers' sizes do not chain (PyTorch would refuse it too)"
     return None
 
@@ -894,4 +902,5 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
     return BatchLast(model, stages, i), ""
 
 
-__all__ = ["AffineBlock", "BatchLast", "BatchNormBlock", "ConvBatchNormBlock", "Constants", "ConvBlock", "DenseBlock", "batch_last", "constants", "library", "problem"]
+__all__ = ["AffineBlock", "BatchLast", "BatchNormBlock", "ConvBatchNormBlock", "Constants", "ConvBlock", "DenseBlock",
+           "RBFBlock", "batch_last", "constants", "images", "library", "problem"]

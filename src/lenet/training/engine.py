@@ -178,8 +178,8 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
 
     On the CPU, a LeNet-family ``nn.Sequential`` (conv [-> BatchNorm] -> activation -> avg/max pool
     or subsampling blocks, a flatten or global average pool, linear layers, then anything) runs
-    through :class:`lenet.kernels.ops.BatchLast`: same parameters, same function, its conv blocks
-    and dense layers computed by the batch-last kernels. Anything else runs as is, with one line
+    through :class:`lenet.kernels.ops.BatchLast`: same parameters, same function, its conv blocks,
+    dense layers and RBF output computed by the batch-last kernels. Anything else runs as is, with one line
     saying why.
     """
     if options.fast_conv is False or device.type != "cpu":  # (--amp applies to CUDA only)

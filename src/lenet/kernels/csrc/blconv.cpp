@@ -480,7 +480,8 @@ static void act_pool_backward_chunk(const Map& gp, const Map& a, const Map& gz, 
 
 // y = act(T x + b) for one register block: OB outputs x LB lane vectors (16 examples each). The
 // weight of input i for output o is T[i * is + o * os]: the weight as stored, [Fout][Fin] (is 1,
-// os Fin: the forward pass), or read as its transpose (is Fout', os 1: the input gradient W^T gz).
+// os Fin: the forward pass), or read as its transpose (is the layer's Fin, os 1: the input gradient
+// W^T gz, a call whose Fin is the layer's Fout).
 // x rows are xB floats apart, y rows yB floats apart.
 template <int OB, int LB>
 static inline void dense_block(const float* x, int xB, const float* T, std::size_t is, std::size_t os,
@@ -1150,7 +1151,7 @@ int lenet_bl_images(const unsigned char* x, float* out, int N, int H, int W, int
         my_lanes(B, lo, hi);
         for (int b0 = lo; b0 < hi; b0 += V) {
             const int n = std::min(V, std::max(0, N - b0));  // real images in this chunk
-            const unsigned char* first = x + (std::size_t)b0 * image;
+            const unsigned char* first = n ? x + (std::size_t)b0 * image : x;
             for (int r = 0; r < H; ++r)
                 for (int c = 0; c < Wp; ++c) {
                     vec v = vec{};
