@@ -43,6 +43,20 @@ def test_nothing_asked_nothing_done():
     assert all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(flipped, x))
 
 
+@pytest.mark.parametrize("shape", [(37, 28, 28), (37, 3, 9, 7)])
+def test_mirror_images_alone_equal_the_gather_and_leave_the_same_random_stream(shape):
+    """The flip-only path (no index built) gives the gather's batch and leaves torch's RNG where
+    the gather leaves it, so recorded runs (record-fashion) keep their trajectories."""
+    from lenet.training.augment import _gather, _mirror
+    x = torch.randint(0, 256, shape, dtype=torch.uint8)
+    torch.manual_seed(5)
+    want, want_next = _gather(x, 0, True), torch.rand(4)
+    torch.manual_seed(5)
+    got, got_next = _mirror(x), torch.rand(4)
+    assert torch.equal(got, want) and torch.equal(got_next, want_next)
+    assert not torch.equal(got, x)  # (some examples were mirrored)
+
+
 def test_augmentation_follows_the_seed():
     x = torch.randint(0, 256, (32, 28, 28), dtype=torch.uint8)
     torch.manual_seed(3)
