@@ -210,7 +210,8 @@ def _self_test() -> str | None:
         if bad:
             return f"test model {index + 1}: {bad}"
     u8 = torch.randint(0, 256, (21, 12, 12), dtype=torch.uint8, generator=g)
-    if not torch.equal(images(u8, 1), F.pad(u8.permute(1, 2, 0)[None].float() / 255.0, (0, 11, 1, 1))):
+    want = F.pad(u8.permute(1, 2, 0)[None].float() / 255.0, (0, -u8.shape[0] % constants().lanes, 1, 1))
+    if not torch.equal(images(u8, 1), want):
         return "the images' layout differs from x.float() / 255"
     return None
 
@@ -703,6 +704,10 @@ class _Dense:
     def __init__(self, linear: nn.Linear, act: int):
         self.linear, self.act = linear, act
 
+    @property
+    def features(self) -> tuple[int, int]:  # (inputs, outputs)
+        return self.linear.in_features, self.linear.out_features
+
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
         return DenseBlock.apply(h, self.linear.weight, self.linear.bias, self.act)
 
@@ -710,6 +715,10 @@ class _Dense:
 class _RBF:
     def __init__(self, rbf: EuclideanRBF, negate: bool):
         self.rbf, self.sign = rbf, -1.0 if negate else 1.0
+
+    @property
+    def features(self) -> tuple[int, int]:  # (inputs, outputs): the prototypes are [outputs, inputs]
+        return self.rbf.prototypes.shape[1], self.rbf.prototypes.shape[0]
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
         return RBFBlock.apply(h, self.rbf.prototypes, self.sign)
@@ -874,9 +883,8 @@ def _chain_problem(stages: list) -> str | None:
     convs = [s.conv for s in stages if isinstance(s, _Conv)]
     if any(b.in_channels != a.out_channels for a, b in zip(convs, convs[1:])):
         return "its convolutions' channel counts do not chain (PyTorch would refuse it too)"
-    sizes = [(s.linear.in_features, s.linear.out_features) if isinstance(s, _Dense) else tuple(s.rbf.prototypes.shape[::-1])
-             for s in stages if isinstance(s, (_Dense, _RBF))]  # (inputs, outputs) of each flat stage
-    if any(b[0] != a[1] for a, b in zip(sizes, sizes[1:])):
+    flat = [s.features for s in stages if isinstance(s, (_Dense, _RBF))]
+    if any(b[0] != a[1] for a, b in zip(flat, flat[1:])):
         return "its linear layers' sizes do not chain (PyTorch would refuse it too)"
     return None
 
