@@ -599,6 +599,48 @@ def test_lenet5_s_output_runs_on_the_kernels_as_its_last_stage():
 
 
 @needs_kernels
+@pytest.mark.parametrize("batch,classes,j", [(256, 10, 1.0), (37, 10, 1.0), (5, 13, 0.5), (1, 20, -2.0)])
+def test_lenet5_s_loss_in_one_call_equals_pytorch_s(batch, classes, j):
+    """The paper's loss (PaperLoss) against LeNet5.criterion's PyTorch version: the mean and the
+    gradient, for penalties near and far from the rubbish class's constant, more classes than 16
+    lanes' worth of one vector, and single examples."""
+    model = create_model("lenet5", num_classes=classes, j=j)
+    torch.manual_seed(0)
+    scores = -(torch.rand(batch, classes) * torch.tensor([0.5, 200.0]).repeat_interleave(batch // 2 + 1)[:batch, None])
+    labels = torch.randint(0, classes, (batch,))
+    want_s, got_s = scores.clone().requires_grad_(), scores.clone().requires_grad_()
+    want = model.criterion(want_s, labels)
+    got = blconv.PaperLoss.apply(got_s, labels, j)
+    (want * 3).backward()
+    (got * 3).backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got_s.grad, want_s.grad, rtol=1e-5, atol=1e-8)
+    with pytest.raises(IndexError, match="not a class"):
+        blconv.PaperLoss.apply(scores, torch.full((batch,), classes), j)
+
+
+@needs_kernels
+def test_the_training_step_takes_lenet5_s_loss_from_the_kernels_and_only_that_loss():
+    lenet5, classic = create_model("lenet5"), create_model("classic")
+    fast = blconv.fast_loss(lenet5.criterion)
+    assert fast is not lenet5.criterion
+    assert blconv.fast_loss(F.cross_entropy) is F.cross_entropy
+    scores, labels = -torch.rand(8, 10) * 50, torch.randint(0, 10, (8,))
+    torch.testing.assert_close(fast(scores, labels), lenet5.criterion(scores, labels))  # the kernel's
+    torch.testing.assert_close(fast(scores.double(), labels), lenet5.criterion(scores.double(), labels))  # PyTorch's
+    for model, want_kernel_loss in ((lenet5, True), (classic, False)):
+        crit = getattr(model, "criterion", F.cross_entropy)
+        step = engine.TrainStep(model, crit, torch.optim.SGD(model.parameters(), lr=0.01),
+                                torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.01), lambda e: 1.0),
+                                torch.device("cpu"), engine.EngineOptions(fast_conv=True))
+        assert (step.criterion is not crit) == want_kernel_loss
+    off = engine.TrainStep(lenet5, lenet5.criterion, torch.optim.SGD(lenet5.parameters(), lr=0.01),
+                           torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(lenet5.parameters(), lr=0.01), lambda e: 1.0),
+                           torch.device("cpu"), engine.EngineOptions(fast_conv=False, compile=False))
+    assert off.criterion == lenet5.criterion  # PyTorch's convolutions: PyTorch's loss
+
+
+@needs_kernels
 def test_models_the_kernels_do_not_cover_are_left_alone():
     for name, overrides in [("classic", {"pool": "conv"}), ("classic", {"norm": "layer"}),
                             ("classic", {"activation": "gelu"}), ("modern", {"pool": "conv"})]:

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.layers import ScaledTanh, Subsampling
-from ..models.lenet5 import EuclideanRBF, Negate, PartialConv2d
+from ..models.lenet5 import EuclideanRBF, LeNet5, Negate, PartialConv2d
 
 SOURCE = Path(__file__).with_name("csrc") / "blconv.cpp"
 
@@ -142,6 +142,7 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
     lib.lenet_bl_rbf_forward.argtypes = ptrs * 3 + ints * 3 + [ctypes.c_float]
     lib.lenet_bl_rbf_backward.argtypes = ptrs * 4 + ints * 3 + [ctypes.c_float]
+    lib.lenet_bl_paper_loss.argtypes = ptrs * 4 + ints * 2 + [ctypes.c_float]
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
     lib.lenet_bl_affine_backward.argtypes = ptrs * 7 + ints * 7
     lib.lenet_bl_channel_stats.argtypes = ptrs + ints * 5 + ptrs * 2
@@ -307,10 +308,11 @@ class ConvBlock(torch.autograd.Function):
     def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False,
                 scale=None, shift=None, act2: int = 0, mask=None):
         x = x.contiguous()
-        w = weight.detach().contiguous()
-        b = None if bias is None else bias.detach().contiguous()
-        s = None if scale is None else scale.detach().contiguous()
-        t = None if shift is None else shift.detach().contiguous()
+        # (inside a Function's forward autograd records nothing: the parameters need no detach())
+        w = weight.contiguous()
+        b = None if bias is None else bias.contiguous()
+        s = None if scale is None else scale.contiguous()
+        t = None if shift is None else shift.contiguous()
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
         out = _conv_output(x, w, pad, pool, k, "conv block")
@@ -377,8 +379,8 @@ class DenseBlock(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, act: int):
         x = x.contiguous()
-        w = weight.detach().contiguous()
-        b = None if bias is None else bias.detach().contiguous()
+        w = weight.contiguous()
+        b = None if bias is None else bias.contiguous()
         fin, n = x.shape
         fout = w.shape[0]
         _check_shapes(w.shape[1] == fin and x.dtype == w.dtype == torch.float32, "dense layer", x.shape, w.shape)
@@ -412,7 +414,7 @@ class RBFBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, prototypes, sign: float):
-        x, p = x.contiguous(), prototypes.detach().contiguous()
+        x, p = x.contiguous(), prototypes.contiguous()
         d, n = x.shape
         _check_shapes(p.dim() == 2 and p.shape[1] == d and x.dtype == p.dtype == torch.float32, "RBF layer",
                       x.shape, p.shape)
@@ -431,6 +433,47 @@ class RBFBlock(torch.autograd.Function):
         _check(_need_lib().lenet_bl_rbf_backward(_ptr(x), _ptr(p), _ptr(grad), _ptr(grad_x), x.shape[0], p.shape[0],
                                                  x.shape[1], ctx.sign), "RBF layer backward", x.shape, grad.shape)
         return grad_x, None, None
+
+
+class PaperLoss(torch.autograd.Function):
+    """LeNet-5's loss (the paper's equation 9, :meth:`LeNet5.criterion`) on (N, C) scores in one call:
+    the mean over the batch, and its gradient, kept for the backward pass. PyTorch's version is ten
+    operations forward and as many autograd nodes backward (speed-notes.md section 19)."""
+
+    @staticmethod
+    def forward(ctx, scores, labels, j: float):
+        s, y = scores.contiguous(), labels.contiguous()
+        _check_shapes(s.dim() == 2 and y.shape == s.shape[:1] and s.dtype == torch.float32 and y.dtype == torch.int64,
+                      "LeNet-5 loss", s.shape, y.shape)
+        loss, grad = torch.empty(()), torch.empty_like(s)
+        rc = _need_lib().lenet_bl_paper_loss(_ptr(s), _ptr(y), _ptr(loss), _ptr(grad), s.shape[0], s.shape[1], j)
+        if rc == -2:
+            raise IndexError(f"LeNet-5 loss: a label is not a class of the {s.shape[1]} outputs")
+        _check(rc, "LeNet-5 loss", s.shape)
+        ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        (grad,) = ctx.saved_tensors
+        return grad * g, None, None
+
+
+def fast_loss(criterion):
+    """The kernels' version of a model's own loss where they have one (LeNet-5's, :class:`PaperLoss`,
+    for CPU float32 scores), else ``criterion`` itself."""
+    model = getattr(criterion, "__self__", None)
+    if not (isinstance(model, LeNet5) and getattr(criterion, "__func__", None) is LeNet5.criterion
+            and library() is not None):
+        return criterion
+
+    def loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if scores.device.type == labels.device.type == "cpu" and scores.dtype == torch.float32 \
+                and labels.dtype == torch.int64:
+            return PaperLoss.apply(scores, labels, float(model.j))
+        return criterion(scores, labels)
+
+    return loss
 
 
 class AffineBlock(torch.autograd.Function):
@@ -766,9 +809,9 @@ class BatchLast(nn.Module):
             h = F.pad(x.permute(1, 2, 3, 0), (0, lanes, p, p))
         for stage in self.stages:
             h = stage(h, n)
-        h = h.t()[:n] if h.dim() == 2 else h.permute(3, 0, 1, 2)[:n]
-        if self.rest:  # e.g. dropout: its random mask follows the memory order, as in the model
-            h = h.contiguous()
+        # (N, ...) in memory order: the next layers (dropout's random mask follows that order, as in
+        # the model) and the scores' argmax (44 instead of 7 us for batch 256 as a strided view) need it
+        h = (h.t()[:n] if h.dim() == 2 else h.permute(3, 0, 1, 2)[:n]).contiguous()
         for layer in self.rest:
             h = layer(h)
         return h
@@ -911,4 +954,4 @@ def batch_last(model: nn.Module, check_library: bool = True) -> tuple[BatchLast 
 
 
 __all__ = ["AffineBlock", "BatchLast", "BatchNormBlock", "ConvBatchNormBlock", "Constants", "ConvBlock", "DenseBlock",
-           "RBFBlock", "batch_last", "constants", "images", "library", "problem"]
+           "PaperLoss", "RBFBlock", "batch_last", "constants", "fast_loss", "images", "library", "problem"]

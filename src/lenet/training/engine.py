@@ -264,6 +264,9 @@ class TrainStep:
         self.net, self.conv = conv_runner(model, device, options, log)
         enabled = options.compile if options.compile is not None else default_compile(device)
         if self.net is not model:  # the kernels' step runs eagerly; compiling the rest is not worth its start-up
+            from ..kernels import ops as blconv
+
+            self.criterion = blconv.fast_loss(criterion)  # (LeNet-5's loss in one call)
             if options.compile:
                 log("note: with lenet's CPU kernels the step runs eagerly; --no-fast-conv compiles "
                     "PyTorch's convolutions instead")
