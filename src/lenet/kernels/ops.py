@@ -143,6 +143,9 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_rbf_forward.argtypes = ptrs * 3 + ints * 3 + [ctypes.c_float]
     lib.lenet_bl_rbf_backward.argtypes = ptrs * 4 + ints * 3 + [ctypes.c_float]
     lib.lenet_bl_paper_loss.argtypes = ptrs * 4 + ints * 2 + [ctypes.c_float]
+    lib.lenet_bl_fold.argtypes = ptrs * 3 + ints * 4 + [ctypes.c_float] * 2 + ptrs * 2
+    lib.lenet_bl_unfold.argtypes = ptrs * 3 + ints * 4 + [ctypes.c_float] * 2 + ptrs * 2
+    lib.lenet_bl_fold.restype = lib.lenet_bl_unfold.restype = None
     lib.lenet_bl_affine_forward.argtypes = ptrs * 4 + ints * 7
     lib.lenet_bl_affine_backward.argtypes = ptrs * 7 + ints * 7
     lib.lenet_bl_channel_stats.argtypes = ptrs + ints * 5 + ptrs * 2
@@ -290,6 +293,40 @@ def _conv_output(x: torch.Tensor, w: torch.Tensor, pad: int, pool: int, k: int, 
     return torch.empty((cout, ho // k, wo // k, n) if pool else (cout, ho, wo, n))
 
 
+class Fold(NamedTuple):
+    """How a conv block's weight and bias are made from its layer's own parameters, in one call
+    (``lenet_bl_fold``) instead of a few PyTorch operations with an autograd node each, and their
+    gradients back (``lenet_bl_unfold``). ``pairs``: [Cout, Cin] int32, the index in the layer's
+    weight of the kernel between output o and input i, -1 where they are not connected (LeNet-5's
+    C3 stores only its 60 connected kernels); None for a full weight. ``affine``: (scale, shift) of
+    an input layer folded in (LeNet-5's LeCunInput; see :class:`_Conv`), or None."""
+
+    cout: int
+    cin: int
+    pairs: torch.Tensor | None
+    affine: tuple[float, float] | None
+    kernels: int  # K x K kernels in the layer's weight
+
+    def args(self, kk: int) -> tuple:
+        scale, shift = self.affine or (1.0, 0.0)
+        return _ptr(self.pairs), self.cout, self.cin, kk, int(self.affine is not None), scale, shift
+
+    def weights(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The dense [Cout, Cin, K, K] weight and [Cout] bias the kernels run."""
+        k = w.shape[-1]
+        _check_shapes(w.dtype == torch.float32 and w.is_contiguous() and w.numel() == self.kernels * k * k
+                      and (b is None or b.shape == (self.cout,)), "conv block's folded weight", w.shape)
+        wd, bd = torch.empty(self.cout, self.cin, k, k), torch.empty(self.cout)
+        _need_lib().lenet_bl_fold(_ptr(w), _ptr(b), *self.args(k * k), _ptr(wd), _ptr(bd))
+        return wd, bd
+
+    def grads(self, gwd: torch.Tensor, gbd: torch.Tensor, w: torch.Tensor, bias: bool):
+        """The gradients of the layer's weight (shaped like ``w``) and bias (if ``bias``)."""
+        gw, gb = torch.empty_like(w), torch.empty(self.cout) if bias else None
+        _need_lib().lenet_bl_unfold(_ptr(gwd), _ptr(gbd), *self.args(w.shape[-1] ** 2), _ptr(gw), _ptr(gb))
+        return gw, gb
+
+
 class ConvBlock(torch.autograd.Function):
     """pool(act(conv(x) + bias)) and its backward pass, each one call into the kernels.
 
@@ -301,16 +338,21 @@ class ConvBlock(torch.autograd.Function):
     the gradients of scale and shift (LeNet-5's trainable subsampling and the squashing after it).
     ``mask``: a [Cout, Cin] uint8 tensor, nonzero where output channel o reads input channel i
     (LeNet-5's C3); the kernels skip the other pairs, whose weights must be zero, and return zero
-    weight gradient for them.
+    weight gradient for them. ``fold``: weight and bias are the layer's own, made into the block's
+    by :class:`Fold` (their gradients too).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False,
-                scale=None, shift=None, act2: int = 0, mask=None):
+                scale=None, shift=None, act2: int = 0, mask=None, fold: Fold | None = None):
         x = x.contiguous()
         # (inside a Function's forward autograd records nothing: the parameters need no detach())
         w = weight.contiguous()
         b = None if bias is None else bias.contiguous()
+        ctx.fold = fold
+        if fold is not None:
+            ctx.own = (w, b is not None)
+            w, b = fold.weights(w, b)
         s = None if scale is None else scale.contiguous()
         t = None if shift is None else shift.contiguous()
         cin, h, wd, n = x.shape
@@ -342,33 +384,35 @@ class ConvBlock(torch.autograd.Function):
         cout, _, ks, _ = w.shape
         grad = grad.contiguous()
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = torch.empty_like(x) if need_x else None
-        flipped = w.flip(2, 3).transpose(0, 1).contiguous() if need_x else None
+        grad_x = torch.empty_like(x) if need_x else None  # (the kernels flip and transpose w for it)
         grad_w = torch.empty_like(w)
         grad_b = torch.empty(cout) if b is not None else None
         dims = (cin, h, wd, pad, cout, ks, n, act, pool, k)
         lib = _need_lib()
         if s is None:
             grad_s = grad_t = None
-            rc = lib.lenet_bl_block_backward(_ptr(x), _ptr(w), _ptr(b), _ptr(flipped), _ptr(kept), _ptr(grad),
+            rc = lib.lenet_bl_block_backward(_ptr(x), _ptr(w), _ptr(b), None, _ptr(kept), _ptr(grad),
                                              _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), *dims, _ptr(mask))
         else:
             grad_s, grad_t = torch.empty(cout), torch.empty(cout)
             rc = lib.lenet_bl_block_affine_backward(
-                _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(flipped), _ptr(kept), _ptr(grad), _ptr(grad_x),
+                _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), None, _ptr(kept), _ptr(grad), _ptr(grad_x),
                 _ptr(grad_w), _ptr(grad_b), _ptr(grad_s), _ptr(grad_t), *dims, act2, _ptr(mask))
         _check(rc, "conv block backward", x.shape, grad.shape)
+        if ctx.fold is not None:
+            grad_w, grad_b = ctx.fold.grads(grad_w, grad_b, *ctx.own)
         need_s, need_t = (ctx.needs_input_grad + (False,) * 4)[8:10]  # (False where not passed)
         return (grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None,
-                grad_s if need_s else None, grad_t if need_t else None, None, None)
+                grad_s if need_s else None, grad_t if need_t else None, None, None, None)
 
 
-def keeps_activation(weight: torch.Tensor) -> bool:
-    """Whether a conv block with this weight stores its activation for the backward pass rather
-    than recomputing it there: when the conv costs more than RECOMPUTE_FAN_IN multiply-adds per
-    output. A first layer (fan-in 25) is cheaper to recompute in the core's cache than to write to
-    memory and read back (4.8 MB per batch of 256 for conv1); conv2 (fan-in 150) is not."""
-    return weight[0].numel() > RECOMPUTE_FAN_IN
+def keeps_activation(fan_in: int) -> bool:
+    """Whether a conv block whose kernel reads ``fan_in`` inputs (in_channels x k x k) stores its
+    activation for the backward pass rather than recomputing it there: when the conv costs more
+    than RECOMPUTE_FAN_IN multiply-adds per output. A first layer (fan-in 25) is cheaper to
+    recompute in the core's cache than to write to memory and read back (4.8 MB per batch of 256
+    for conv1); conv2 (fan-in 150) is not."""
+    return fan_in > RECOMPUTE_FAN_IN
 
 
 class DenseBlock(torch.autograd.Function):
@@ -645,6 +689,16 @@ class _Conv:
         self.padded = False  # True when the input's columns arrive padded (the first stage)
         # C3's connection table: the kernels skip the kernels it leaves out (zeros in weight())
         self.mask = conv.connections() if isinstance(conv, PartialConv2d) else None
+        self.ks = conv.kernel_size if isinstance(conv, PartialConv2d) else conv.kernel_size[0]
+        self.fan_in = conv.in_channels * self.ks * self.ks
+        self.fold = None  # how the block makes its weight from the layer's (C3's kernels, the input's affine)
+        if self.mask is not None or affine is not None:
+            pairs, kernels = None, conv.out_channels * conv.in_channels
+            if self.mask is not None:
+                kernels = len(conv.out_index)
+                pairs = torch.full((conv.out_channels, conv.in_channels), -1, dtype=torch.int32)
+                pairs[conv.out_index.cpu(), conv.in_index.cpu()] = torch.arange(kernels, dtype=torch.int32)
+            self.fold = Fold(conv.out_channels, conv.in_channels, pairs, affine[1:] if affine else None, kernels)
 
     def weight(self) -> torch.Tensor:  # C3's weight is scattered into a full 6 -> 16 kernel (zeros elsewhere)
         return self.conv.dense_weight() if isinstance(self.conv, PartialConv2d) else self.conv.weight
@@ -659,21 +713,23 @@ class _Conv:
         return w * scale, b
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        w, b = self.params()
-        if self.pad == 0 and self.pool == constants().pool_none and h.shape[1:3] == w.shape[2:]:
+        if self.pad == 0 and self.pool == constants().pool_none and h.shape[1:3] == (self.ks, self.ks):
             # The kernel covers the whole map (LeNet-5's C5): a dense layer over the flattened map
             # (same order), whose weight gradient BLAS computes far better than a 1x1-output conv.
+            w, b = self.params()
             out = DenseBlock.apply(h.reshape(-1, h.shape[-1]), w.reshape(w.shape[0], -1), b, self.act)
             return out.view(w.shape[0], 1, 1, -1)
         h = h if self.padded else pad_cols(h, self.pad)
+        w, b = self.conv.weight, self.conv.bias  # the layer's own: the block folds them (self.fold)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b))
-        keep = grads and keeps_activation(w)
+        keep = grads and keeps_activation(self.fan_in)
         if self.sub is None:
-            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, None, None, 0, self.mask)
+            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, None, None, 0, self.mask,
+                                   self.fold)
         sub, after = self.sub
         area = float(sub.size * sub.size)  # the block averages; the layer sums
         return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight * area, sub.bias, after,
-                               self.mask)
+                               self.mask, self.fold)
 
 
 class _ConvNorm(_Conv):
@@ -694,7 +750,7 @@ class _ConvNorm(_Conv):
             shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
             shift = shift + bias * scale if bias is not None else shift
             return ConvBlock.apply(h, w * scale.view(-1, 1, 1, 1), shift, self.pad, *self.after)
-        if not keeps_activation(w):  # recomputing the conv costs less than storing its output
+        if not keeps_activation(w[0].numel()):  # recomputing the conv costs less than storing its output
             mean, var = conv_stats(h, w, bias, self.pad, n)
             self._track(mean, var, n * (h.shape[1] + 2 * self.pad - w.shape[2] + 1) * (h.shape[2] - w.shape[3] + 1))
             return ConvBatchNormBlock.apply(h, w, bias, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n,

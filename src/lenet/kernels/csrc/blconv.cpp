@@ -814,6 +814,48 @@ int lenet_bl_constants(int* out, int n) {
     return (int)c.size();
 }
 
+// The weight and bias a conv block runs, made from a layer's own parameters in one call (each fold
+// would otherwise be a few PyTorch operations with an autograd node apiece):
+//   pairs (if not null, [Cout][Cin]): the index in w of the K x K kernel between output o and input
+//   i, or -1 where they are not connected (LeNet-5's C3 stores its 60 connected kernels only: the
+//   others run as zeros); without it w is [Cout][Cin][K][K] already;
+//   an input layer's affine map folded in (LeNet-5's LeCunInput, affine != 0): the conv of
+//   scale x + shift is the conv of x with weight scale w and bias b + shift sum(w).
+// wd [Cout][Cin][K][K], bd [Cout]; b may be null (no bias of its own).
+void lenet_bl_fold(const float* w, const float* b, const int* pairs, int Cout, int Cin, int KK,
+                   int affine, float scale, float shift, float* wd, float* bd) {
+    for (int o = 0; o < Cout; ++o) {
+        float sum = 0.0f;
+        for (int i = 0; i < Cin; ++i) {
+            const int at = pairs ? pairs[o * Cin + i] : o * Cin + i;
+            float* dst = wd + ((std::size_t)o * Cin + i) * KK;
+            for (int k = 0; k < KK; ++k) {
+                const float v = at < 0 ? 0.0f : w[(std::size_t)at * KK + k];
+                dst[k] = affine ? v * scale : v;
+                sum += v;
+            }
+        }
+        const float own = b ? b[o] : 0.0f;
+        bd[o] = affine ? shift * sum + own : own;
+    }
+}
+
+// The gradients of the layer's own parameters from those of the folded ones (gwd, gbd): gw = scale
+// gwd + shift gbd[o] at each connected kernel (the bias's sum over the weights), gb = gbd (if gb).
+void lenet_bl_unfold(const float* gwd, const float* gbd, const int* pairs, int Cout, int Cin, int KK,
+                     int affine, float scale, float shift, float* gw, float* gb) {
+    for (int o = 0; o < Cout; ++o) {
+        for (int i = 0; i < Cin; ++i) {
+            const int at = pairs ? pairs[o * Cin + i] : o * Cin + i;
+            if (at < 0) continue;
+            const float* src = gwd + ((std::size_t)o * Cin + i) * KK;
+            float* dst = gw + (std::size_t)at * KK;
+            for (int k = 0; k < KK; ++k) dst[k] = affine ? scale * src[k] + shift * gbd[o] : src[k];
+        }
+        if (gb) gb[o] = gbd[o];
+    }
+}
+
 // The activation of a pooled block, kept for the backward pass (`kept`, see below), is stored
 // chunk by chunk: chunk b0 / 16 is one [Cout][Ho][Wo][16] scratch map, written and read contiguously.
 static inline Map kept_chunk(const float* kept, int b0, int C, int H, int W) {
@@ -863,8 +905,8 @@ int lenet_bl_block_affine_forward(const float* x, const float* w, const float* b
 }
 
 // A block's backward pass, given x, the parameters and gp (the gradient of the block's output):
-// gw, gb (if not null) and gx (if not null; it needs wflip = w flipped and transposed:
-// [Cin][Cout][K][K]). The activation is read from `kept` (written by lenet_bl_block_forward) or,
+// gw, gb (if not null) and gx (if not null; it is the convolution of the padded gz with wflip = w
+// flipped and transposed, [Cin][Cout][K][K], made here when the caller passes none). The activation is read from `kept` (written by lenet_bl_block_forward) or,
 // without it, recomputed chunk by chunk (cheaper for a first layer: speed-notes.md sections 10e, 12).
 static int block_backward(const float* x, const float* w, const float* bias, const float* s, const float* t,
                           const float* wflip, const float* kept, const float* gp, float* gx, float* gw, float* gb,
@@ -878,6 +920,15 @@ static int block_backward(const float* x, const float* w, const float* bias, con
     const std::size_t nw = (std::size_t)Cout * Cin * K * K, na = s ? 2 * (std::size_t)Cout : 0;
     Partials part(nw + Cout + na);  // weight gradient, bias gradient, then (with s) the gradients of s and t
     const ConvMask cm = mask ? ConvMask{mask, Cin, 1} : ConvMask{};
+    std::vector<float> flipped;
+    if (gx && !wflip) {
+        flipped.resize(nw);
+        for (int co = 0; co < Cout; ++co)
+            for (int ci = 0; ci < Cin; ++ci)
+                for (int i = 0; i < K * K; ++i)
+                    flipped[((std::size_t)ci * Cout + co) * K * K + (K * K - 1 - i)] = w[((std::size_t)co * Cin + ci) * K * K + i];
+        wflip = flipped.data();
+    }
 #pragma omp parallel num_threads(part.T)
     {
         int lo, hi;
