@@ -115,7 +115,7 @@ def block_cases():
         x = ops.pad_cols(torch.randn(cin, hw, hw, BATCH), pad).requires_grad_(cin > 1)
         w = (torch.randn(cout, cin, 5, 5) * 0.2).requires_grad_()
         b = torch.zeros(cout, requires_grad=True)
-        keep = ops.keeps_activation(w[0].numel())
+        keep = ops.keeps_activation(w)
 
         def forward(x=x, w=w, b=b, pad=pad, act=act, pool=pool, keep=keep):
             return ops.ConvBlock.apply(x, w, b, pad, act, pool, 2, keep)

@@ -353,7 +353,7 @@ def test_a_block_with_subsampling_equals_the_block_then_the_affine_block(cin, si
     b = (torch.randn(5) * 0.1).requires_grad_()
     s = (torch.rand(5) + 0.5).requires_grad_()
     t = (torch.randn(5) * 0.1).requires_grad_()
-    keep = blconv.keeps_activation(w[0].numel())
+    keep = blconv.keeps_activation(w)
     fused = blconv.ConvBlock.apply(x, w, b, 0, st, c.pool_avg, 2, keep, s * 4.0, t, st)
     split = blconv.AffineBlock.apply(blconv.ConvBlock.apply(x, w, b, 0, st, c.pool_avg, 2, keep), s * 4.0, t, st,
                                      c.pool_none, 1)
@@ -420,7 +420,7 @@ def test_a_masked_block_equals_the_dense_block_of_its_zero_filled_weight(mask_of
 
     def block(m):
         args = (extra[0] * 4.0, extra[1], st) if sub else (None, None, 0)
-        return blconv.ConvBlock.apply(x, w, b, pad, code, pool_code, window, blconv.keeps_activation(w[0].numel()), *args, m)
+        return blconv.ConvBlock.apply(x, w, b, pad, code, pool_code, window, blconv.keeps_activation(w), *args, m)
 
     masked, dense = block(mask), block(None)
     assert torch.equal(masked, dense)

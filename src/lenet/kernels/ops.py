@@ -134,9 +134,9 @@ def library() -> ctypes.CDLL | None:
         return None
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
     lib.lenet_bl_block_forward.argtypes = ptrs * 5 + ints * 10 + ptrs
-    lib.lenet_bl_block_backward.argtypes = ptrs * 9 + ints * 10 + ptrs
+    lib.lenet_bl_block_backward.argtypes = ptrs * 8 + ints * 10 + ptrs
     lib.lenet_bl_block_affine_forward.argtypes = ptrs * 7 + ints * 11 + ptrs
-    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 13 + ints * 11 + ptrs
+    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 12 + ints * 11 + ptrs
     lib.lenet_bl_images.argtypes = ptrs * 2 + ints * 5
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
@@ -151,7 +151,7 @@ def library() -> ctypes.CDLL | None:
     lib.lenet_bl_channel_stats.argtypes = ptrs + ints * 5 + ptrs * 2
     lib.lenet_bl_bn_backward.argtypes = ptrs * 9 + ints * 8
     lib.lenet_bl_conv_stats.argtypes = ptrs * 3 + ints * 8 + ptrs * 2
-    lib.lenet_bl_conv_bn_backward.argtypes = ptrs * 14 + ints * 11
+    lib.lenet_bl_conv_bn_backward.argtypes = ptrs * 13 + ints * 11
     lib.lenet_bl_conv_affine_forward.argtypes = ptrs * 6 + ints * 10
     _lib = lib
     try:
@@ -294,12 +294,11 @@ def _conv_output(x: torch.Tensor, w: torch.Tensor, pad: int, pool: int, k: int, 
 
 
 class Fold(NamedTuple):
-    """How a conv block's weight and bias are made from its layer's own parameters, in one call
-    (``lenet_bl_fold``) instead of a few PyTorch operations with an autograd node each, and their
-    gradients back (``lenet_bl_unfold``). ``pairs``: [Cout, Cin] int32, the index in the layer's
-    weight of the kernel between output o and input i, -1 where they are not connected (LeNet-5's
-    C3 stores only its 60 connected kernels); None for a full weight. ``affine``: (scale, shift) of
-    an input layer folded in (LeNet-5's LeCunInput; see :class:`_Conv`), or None."""
+    """How a conv layer's own parameters become the dense weight and bias the kernels run
+    (:class:`FoldedWeight`). ``pairs``: [Cout, Cin] int32, the index in the layer's weight of the
+    kernel between output o and input i, -1 where they are not connected (LeNet-5's C3 stores only
+    its 60 connected kernels); None for a full weight. ``affine``: (scale, shift) of an input layer
+    folded in (LeNet-5's LeCunInput; see :class:`_Conv`), or None."""
 
     cout: int
     cin: int
@@ -311,20 +310,29 @@ class Fold(NamedTuple):
         scale, shift = self.affine or (1.0, 0.0)
         return _ptr(self.pairs), self.cout, self.cin, kk, int(self.affine is not None), scale, shift
 
-    def weights(self, w: torch.Tensor, b: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The dense [Cout, Cin, K, K] weight and [Cout] bias the kernels run."""
+
+class FoldedWeight(torch.autograd.Function):
+    """The dense [Cout, Cin, K, K] weight and [Cout] bias of a :class:`Fold`, from the layer's own
+    weight and bias (or None), in one call (``lenet_bl_fold``), and their gradients back in another
+    (``lenet_bl_unfold``): instead of a few PyTorch operations with an autograd node each."""
+
+    @staticmethod
+    def forward(ctx, w, b, fold: Fold):
+        w, b = w.contiguous(), None if b is None else b.contiguous()
         k = w.shape[-1]
-        _check_shapes(w.dtype == torch.float32 and w.is_contiguous() and w.numel() == self.kernels * k * k
-                      and (b is None or b.shape == (self.cout,)), "conv block's folded weight", w.shape)
-        wd, bd = torch.empty(self.cout, self.cin, k, k), torch.empty(self.cout)
-        _need_lib().lenet_bl_fold(_ptr(w), _ptr(b), *self.args(k * k), _ptr(wd), _ptr(bd))
+        _check_shapes(w.dtype == torch.float32 and w.numel() == fold.kernels * k * k
+                      and (b is None or b.shape == (fold.cout,)), "folded conv weight", w.shape)
+        wd, bd = torch.empty(fold.cout, fold.cin, k, k), torch.empty(fold.cout)
+        _need_lib().lenet_bl_fold(_ptr(w), _ptr(b), *fold.args(k * k), _ptr(wd), _ptr(bd))
+        ctx.fold, ctx.shape, ctx.bias = fold, w.shape, b is not None
         return wd, bd
 
-    def grads(self, gwd: torch.Tensor, gbd: torch.Tensor, w: torch.Tensor, bias: bool):
-        """The gradients of the layer's weight (shaped like ``w``) and bias (if ``bias``)."""
-        gw, gb = torch.empty_like(w), torch.empty(self.cout) if bias else None
-        _need_lib().lenet_bl_unfold(_ptr(gwd), _ptr(gbd), *self.args(w.shape[-1] ** 2), _ptr(gw), _ptr(gb))
-        return gw, gb
+    @staticmethod
+    def backward(ctx, gwd, gbd):
+        gwd, gbd, fold = gwd.contiguous(), gbd.contiguous(), ctx.fold
+        gw, gb = torch.empty(ctx.shape), torch.empty(fold.cout) if ctx.bias else None
+        _need_lib().lenet_bl_unfold(_ptr(gwd), _ptr(gbd), *fold.args(ctx.shape[-1] ** 2), _ptr(gw), _ptr(gb))
+        return gw, gb, None
 
 
 class ConvBlock(torch.autograd.Function):
@@ -338,21 +346,16 @@ class ConvBlock(torch.autograd.Function):
     the gradients of scale and shift (LeNet-5's trainable subsampling and the squashing after it).
     ``mask``: a [Cout, Cin] uint8 tensor, nonzero where output channel o reads input channel i
     (LeNet-5's C3); the kernels skip the other pairs, whose weights must be zero, and return zero
-    weight gradient for them. ``fold``: weight and bias are the layer's own, made into the block's
-    by :class:`Fold` (their gradients too).
+    weight gradient for them.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False,
-                scale=None, shift=None, act2: int = 0, mask=None, fold: Fold | None = None):
+                scale=None, shift=None, act2: int = 0, mask=None):
         x = x.contiguous()
         # (inside a Function's forward autograd records nothing: the parameters need no detach())
         w = weight.contiguous()
         b = None if bias is None else bias.contiguous()
-        ctx.fold = fold
-        if fold is not None:
-            ctx.own = (w, b is not None)
-            w, b = fold.weights(w, b)
         s = None if scale is None else scale.contiguous()
         t = None if shift is None else shift.contiguous()
         cin, h, wd, n = x.shape
@@ -391,28 +394,25 @@ class ConvBlock(torch.autograd.Function):
         lib = _need_lib()
         if s is None:
             grad_s = grad_t = None
-            rc = lib.lenet_bl_block_backward(_ptr(x), _ptr(w), _ptr(b), None, _ptr(kept), _ptr(grad),
+            rc = lib.lenet_bl_block_backward(_ptr(x), _ptr(w), _ptr(b), _ptr(kept), _ptr(grad),
                                              _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), *dims, _ptr(mask))
         else:
             grad_s, grad_t = torch.empty(cout), torch.empty(cout)
             rc = lib.lenet_bl_block_affine_backward(
-                _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), None, _ptr(kept), _ptr(grad), _ptr(grad_x),
+                _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(kept), _ptr(grad), _ptr(grad_x),
                 _ptr(grad_w), _ptr(grad_b), _ptr(grad_s), _ptr(grad_t), *dims, act2, _ptr(mask))
         _check(rc, "conv block backward", x.shape, grad.shape)
-        if ctx.fold is not None:
-            grad_w, grad_b = ctx.fold.grads(grad_w, grad_b, *ctx.own)
         need_s, need_t = (ctx.needs_input_grad + (False,) * 4)[8:10]  # (False where not passed)
         return (grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None,
-                grad_s if need_s else None, grad_t if need_t else None, None, None, None)
+                grad_s if need_s else None, grad_t if need_t else None, None, None)
 
 
-def keeps_activation(fan_in: int) -> bool:
-    """Whether a conv block whose kernel reads ``fan_in`` inputs (in_channels x k x k) stores its
-    activation for the backward pass rather than recomputing it there: when the conv costs more
-    than RECOMPUTE_FAN_IN multiply-adds per output. A first layer (fan-in 25) is cheaper to
-    recompute in the core's cache than to write to memory and read back (4.8 MB per batch of 256
-    for conv1); conv2 (fan-in 150) is not."""
-    return fan_in > RECOMPUTE_FAN_IN
+def keeps_activation(weight: torch.Tensor) -> bool:
+    """Whether a conv block with this weight stores its activation for the backward pass rather
+    than recomputing it there: when the conv costs more than RECOMPUTE_FAN_IN multiply-adds per
+    output. A first layer (fan-in 25) is cheaper to recompute in the core's cache than to write to
+    memory and read back (4.8 MB per batch of 256 for conv1); conv2 (fan-in 150) is not."""
+    return weight[0].numel() > RECOMPUTE_FAN_IN
 
 
 class DenseBlock(torch.autograd.Function):
@@ -638,12 +638,11 @@ class ConvBatchNormBlock(torch.autograd.Function):
         cout, _, ks, _ = w.shape
         grad = grad.contiguous()
         need = ctx.needs_input_grad
-        grad_x = torch.empty_like(x) if need[0] else None
-        flipped = w.flip(2, 3).transpose(0, 1).contiguous() if need[0] else None
+        grad_x = torch.empty_like(x) if need[0] else None  # (the kernels flip and transpose w for it)
         grad_w, grad_b = torch.empty_like(w), torch.empty(cout) if bias is not None else None
         grad_gamma, grad_beta = torch.empty(cout), torch.empty(cout)
         _check(_need_lib().lenet_bl_conv_bn_backward(
-            _ptr(x), _ptr(w), _ptr(bias), _ptr(flipped), _ptr(s), _ptr(t), _ptr(mean), _ptr(rstd), _ptr(grad),
+            _ptr(x), _ptr(w), _ptr(bias), _ptr(s), _ptr(t), _ptr(mean), _ptr(rstd), _ptr(grad),
             _ptr(grad_x), _ptr(grad_w), _ptr(grad_b), _ptr(grad_gamma), _ptr(grad_beta),
             cin, h, wd, pad, cout, ks, lanes, ctx.n, act, pool, k), "conv + batch norm backward", x.shape, grad.shape)
         return (grad_x, grad_w if need[1] else None, grad_b if need[2] else None,
@@ -687,11 +686,9 @@ class _Conv:
         self.pad = conv.padding[0] if isinstance(conv, nn.Conv2d) else 0
         self.pad += affine[0] if affine else 0  # (a conv folded with an input layer has no padding of its own)
         self.padded = False  # True when the input's columns arrive padded (the first stage)
-        # C3's connection table: the kernels skip the kernels it leaves out (zeros in weight())
+        # C3's connection table: the kernels skip the kernels it leaves out (zeros in the dense weight)
         self.mask = conv.connections() if isinstance(conv, PartialConv2d) else None
-        self.ks = conv.kernel_size if isinstance(conv, PartialConv2d) else conv.kernel_size[0]
-        self.fan_in = conv.in_channels * self.ks * self.ks
-        self.fold = None  # how the block makes its weight from the layer's (C3's kernels, the input's affine)
+        self.fold = None  # how params() makes the weight from the layer's (C3's kernels, the input's affine)
         if self.mask is not None or affine is not None:
             pairs, kernels = None, conv.out_channels * conv.in_channels
             if self.mask is not None:
@@ -700,36 +697,31 @@ class _Conv:
                 pairs[conv.out_index.cpu(), conv.in_index.cpu()] = torch.arange(kernels, dtype=torch.int32)
             self.fold = Fold(conv.out_channels, conv.in_channels, pairs, affine[1:] if affine else None, kernels)
 
-    def weight(self) -> torch.Tensor:  # C3's weight is scattered into a full 6 -> 16 kernel (zeros elsewhere)
-        return self.conv.dense_weight() if isinstance(self.conv, PartialConv2d) else self.conv.weight
-
     def params(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The (weight, bias) the kernels run: the conv's own, or folded with the input layer's affine."""
-        w, b = self.weight(), self.conv.bias
-        if self.affine is None:
+        """The (weight, bias) the kernels run: the conv's own, or made from them by ``self.fold``
+        (C3's kernels scattered into a full 6 -> 16 weight, the input layer's affine folded in)."""
+        w, b = self.conv.weight, self.conv.bias
+        if self.fold is None:
             return w, b
-        _, scale, shift = self.affine
-        b = shift * w.sum(dim=(1, 2, 3)) + (b if b is not None else 0.0)
-        return w * scale, b
+        wd, bd = FoldedWeight.apply(w, b, self.fold)
+        return wd, bd if b is not None or self.fold.affine else None
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        if self.pad == 0 and self.pool == constants().pool_none and h.shape[1:3] == (self.ks, self.ks):
+        w, b = self.params()
+        if self.pad == 0 and self.pool == constants().pool_none and h.shape[1:3] == w.shape[2:]:
             # The kernel covers the whole map (LeNet-5's C5): a dense layer over the flattened map
             # (same order), whose weight gradient BLAS computes far better than a 1x1-output conv.
-            w, b = self.params()
             out = DenseBlock.apply(h.reshape(-1, h.shape[-1]), w.reshape(w.shape[0], -1), b, self.act)
             return out.view(w.shape[0], 1, 1, -1)
         h = h if self.padded else pad_cols(h, self.pad)
-        w, b = self.conv.weight, self.conv.bias  # the layer's own: the block folds them (self.fold)
         grads = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (h, w, b))
-        keep = grads and keeps_activation(self.fan_in)
+        keep = grads and keeps_activation(w)
         if self.sub is None:
-            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, None, None, 0, self.mask,
-                                   self.fold)
+            return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, None, None, 0, self.mask)
         sub, after = self.sub
         area = float(sub.size * sub.size)  # the block averages; the layer sums
         return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight * area, sub.bias, after,
-                               self.mask, self.fold)
+                               self.mask)
 
 
 class _ConvNorm(_Conv):
@@ -742,7 +734,7 @@ class _ConvNorm(_Conv):
         self.norm, self.after = norm, (act, pool, k)
 
     def __call__(self, h: torch.Tensor, n: int) -> torch.Tensor:
-        bn, w, bias = self.norm, self.weight(), self.conv.bias
+        bn, (w, bias) = self.norm, self.params()
         h = h if self.padded else pad_cols(h, self.pad)
         if not (bn.training or bn.running_mean is None):  # running statistics: fold them into the conv
             scale = torch.rsqrt(bn.running_var + bn.eps)
@@ -750,7 +742,7 @@ class _ConvNorm(_Conv):
             shift = -bn.running_mean * scale + (bn.bias if bn.bias is not None else 0.0)
             shift = shift + bias * scale if bias is not None else shift
             return ConvBlock.apply(h, w * scale.view(-1, 1, 1, 1), shift, self.pad, *self.after)
-        if not keeps_activation(w[0].numel()):  # recomputing the conv costs less than storing its output
+        if not keeps_activation(w):  # recomputing the conv costs less than storing its output
             mean, var = conv_stats(h, w, bias, self.pad, n)
             self._track(mean, var, n * (h.shape[1] + 2 * self.pad - w.shape[2] + 1) * (h.shape[2] - w.shape[3] + 1))
             return ConvBatchNormBlock.apply(h, w, bias, bn.weight, bn.bias, mean, torch.rsqrt(var + bn.eps), n,

@@ -904,12 +904,24 @@ int lenet_bl_block_affine_forward(const float* x, const float* w, const float* b
     return block_forward(x, w, bias, s, t, p, kept, Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2, mask);
 }
 
+// The kernel of an input gradient: w [Cout][Cin][K][K] flipped and transposed, [Cin][Cout][K][K] (the
+// input gradient is the convolution of the padded output gradient with it).
+static std::vector<float> flipped_weight(const float* w, int Cout, int Cin, int K) {
+    const int kk = K * K;
+    std::vector<float> f((std::size_t)Cout * Cin * kk);
+    for (int co = 0; co < Cout; ++co)
+        for (int ci = 0; ci < Cin; ++ci)
+            for (int i = 0; i < kk; ++i)
+                f[((std::size_t)ci * Cout + co) * kk + (kk - 1 - i)] = w[((std::size_t)co * Cin + ci) * kk + i];
+    return f;
+}
+
 // A block's backward pass, given x, the parameters and gp (the gradient of the block's output):
-// gw, gb (if not null) and gx (if not null; it is the convolution of the padded gz with wflip = w
-// flipped and transposed, [Cin][Cout][K][K], made here when the caller passes none). The activation is read from `kept` (written by lenet_bl_block_forward) or,
-// without it, recomputed chunk by chunk (cheaper for a first layer: speed-notes.md sections 10e, 12).
+// gw, gb (if not null) and gx (if not null). The activation is read from `kept` (written by
+// lenet_bl_block_forward) or, without it, recomputed chunk by chunk (cheaper for a first layer:
+// speed-notes.md sections 10e, 12).
 static int block_backward(const float* x, const float* w, const float* bias, const float* s, const float* t,
-                          const float* wflip, const float* kept, const float* gp, float* gx, float* gw, float* gb,
+                          const float* kept, const float* gp, float* gx, float* gw, float* gb,
                           float* gs, float* gt, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                           int act, int pool, int k, int act2, const unsigned char* mask) {
     if (B % V || !supported(K) || !codes_ok(act, pool, k) || !act_ok(act2)
@@ -920,15 +932,7 @@ static int block_backward(const float* x, const float* w, const float* bias, con
     const std::size_t nw = (std::size_t)Cout * Cin * K * K, na = s ? 2 * (std::size_t)Cout : 0;
     Partials part(nw + Cout + na);  // weight gradient, bias gradient, then (with s) the gradients of s and t
     const ConvMask cm = mask ? ConvMask{mask, Cin, 1} : ConvMask{};
-    std::vector<float> flipped;
-    if (gx && !wflip) {
-        flipped.resize(nw);
-        for (int co = 0; co < Cout; ++co)
-            for (int ci = 0; ci < Cin; ++ci)
-                for (int i = 0; i < K * K; ++i)
-                    flipped[((std::size_t)ci * Cout + co) * K * K + (K * K - 1 - i)] = w[((std::size_t)co * Cin + ci) * K * K + i];
-        wflip = flipped.data();
-    }
+    const std::vector<float> wflip = gx ? flipped_weight(w, Cout, Cin, K) : std::vector<float>{};
 #pragma omp parallel num_threads(part.T)
     {
         int lo, hi;
@@ -953,7 +957,7 @@ static int block_backward(const float* x, const float* w, const float* bias, con
             for (int c = 0; c < Cout; ++c)
                 for (int y = 0; y < Ho; ++y)
                     for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
-            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, cm.transposed(), goff);
+            if (gx) conv_any(gz, wflip.data(), nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, cm.transposed(), goff);
         }
         part.add_lanes(acc, nw + Cout + na);
     }
@@ -968,21 +972,21 @@ static int block_backward(const float* x, const float* w, const float* bias, con
     return 0;
 }
 
-int lenet_bl_block_backward(const float* x, const float* w, const float* bias, const float* wflip,
+int lenet_bl_block_backward(const float* x, const float* w, const float* bias,
                             const float* kept, const float* gp, float* gx, float* gw, float* gb,
                             int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
                             int act, int pool, int k, const unsigned char* mask) {
-    return block_backward(x, w, bias, nullptr, nullptr, wflip, kept, gp, gx, gw, gb, nullptr, nullptr,
+    return block_backward(x, w, bias, nullptr, nullptr, kept, gp, gx, gw, gb, nullptr, nullptr,
                           Cin, Hin, Win, pad, Cout, K, B, act, pool, k, ACT_NONE, mask);
 }
 
 // The backward pass of lenet_bl_block_affine_forward: also gs, gt (the gradients of s and t).
 int lenet_bl_block_affine_backward(const float* x, const float* w, const float* bias, const float* s, const float* t,
-                                   const float* wflip, const float* kept, const float* gp, float* gx, float* gw,
+                                   const float* kept, const float* gp, float* gx, float* gw,
                                    float* gb, float* gs, float* gt, int Cin, int Hin, int Win, int pad, int Cout,
                                    int K, int B, int act, int pool, int k, int act2, const unsigned char* mask) {
     if (!s) return -1;
-    return block_backward(x, w, bias, s, t, wflip, kept, gp, gx, gw, gb, gs, gt,
+    return block_backward(x, w, bias, s, t, kept, gp, gx, gw, gb, gs, gt,
                           Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2, mask);
 }
 
@@ -1138,7 +1142,7 @@ int lenet_bl_conv_stats(const float* x, const float* w, const float* bias, int C
     return 0;
 }
 
-int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias, const float* wflip,
+int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
                               const float* s, const float* t, const float* mean, const float* rstd, const float* gp,
                               float* gx, float* gw, float* gb, float* ggamma, float* gbeta,
                               int Cin, int Hin, int Win, int pad, int Cout, int K, int B, int n,
@@ -1152,6 +1156,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
     std::vector<BnChannel> chs(Cout);
     for (int c = 0; c < Cout; ++c) chs[c] = BnChannel{splat(s[c]), splat(t[c]), vec{}, vec{}, vec{}};
     Partials part(nw + Cout);  // weight gradient, then bias gradient
+    const std::vector<float> wflip = gx ? flipped_weight(w, Cout, Cin, K) : std::vector<float>{};
 #pragma omp parallel num_threads(part.T)
     {
         int lo, hi;
@@ -1176,7 +1181,7 @@ int lenet_bl_conv_bn_backward(const float* x, const float* w, const float* bias,
             for (int c = 0; c < Cout; ++c)
                 for (int y = 0; y < Ho; ++y)
                     for (int xx = 0; xx < Wo; ++xx) acc[nw + c] += load(gz.at(c, y, goff + xx));
-            if (gx) conv_any(gz, wflip, nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, {}, goff);
+            if (gx) conv_any(gz, wflip.data(), nullptr, cmap(gx + b0, Cin, Hin, Win, B), K, K - 1 - pad, ACT_NONE, {}, goff);
         }
         if (gx)  // chunks wholly past n: zero input gradient
             for (int b0 = std::max(lo, (n + V - 1) / V * V); b0 < hi; b0 += V) {
