@@ -354,14 +354,17 @@ def test_a_block_with_subsampling_equals_the_block_then_the_affine_block(cin, si
     s = (torch.rand(5) + 0.5).requires_grad_()
     t = (torch.randn(5) * 0.1).requires_grad_()
     keep = blconv.keeps_activation(w)
-    fused = blconv.ConvBlock.apply(x, w, b, 0, st, c.pool_avg, 2, keep, s * 4.0, t, st)
     split = blconv.AffineBlock.apply(blconv.ConvBlock.apply(x, w, b, 0, st, c.pool_avg, 2, keep), s * 4.0, t, st,
                                      c.pool_none, 1)
-    assert torch.equal(fused, split)
-    g = torch.randn_like(fused)
+    g = torch.randn_like(split)
     leaves = [v for v in (x, w, b, s, t) if v.requires_grad]
-    for a, ref in zip(torch.autograd.grad(fused, leaves, g), torch.autograd.grad(split, leaves, g)):
-        assert torch.equal(a, ref)
+    want = torch.autograd.grad(split, leaves, g)
+    # the window's area multiplied in by PyTorch, or by the kernels (scale_by: LeNet-5's sum)
+    for fused in (blconv.ConvBlock.apply(x, w, b, 0, st, c.pool_avg, 2, keep, s * 4.0, t, st),
+                  blconv.ConvBlock.apply(x, w, b, 0, st, c.pool_avg, 2, keep, s, t, st, None, 4.0)):
+        assert torch.equal(fused, split)
+        for a, ref in zip(torch.autograd.grad(fused, leaves, g), want):
+            assert torch.equal(a, ref)
 
 
 @needs_kernels

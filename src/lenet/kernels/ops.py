@@ -135,8 +135,8 @@ def library() -> ctypes.CDLL | None:
     ptrs, ints = [ctypes.c_void_p], [ctypes.c_int]
     lib.lenet_bl_block_forward.argtypes = ptrs * 5 + ints * 10 + ptrs
     lib.lenet_bl_block_backward.argtypes = ptrs * 8 + ints * 10 + ptrs
-    lib.lenet_bl_block_affine_forward.argtypes = ptrs * 7 + ints * 11 + ptrs
-    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 12 + ints * 11 + ptrs
+    lib.lenet_bl_block_affine_forward.argtypes = ptrs * 4 + [ctypes.c_float] + ptrs * 3 + ints * 11 + ptrs
+    lib.lenet_bl_block_affine_backward.argtypes = ptrs * 4 + [ctypes.c_float] + ptrs * 8 + ints * 11 + ptrs
     lib.lenet_bl_images.argtypes = ptrs * 2 + ints * 5
     lib.lenet_bl_dense_forward.argtypes = ptrs * 4 + ints * 4
     lib.lenet_bl_dense_backward.argtypes = ptrs * 6 + ints * 4
@@ -342,8 +342,9 @@ class ConvBlock(torch.autograd.Function):
     pool are codes of :func:`constants`; k the pool window (= stride). ``keep``: store the
     activation before the pool for the backward pass (see :func:`keeps_activation`); otherwise
     the kernels recompute it there, 16 examples at a time in the core's cache. With ``scale`` and
-    ``shift`` (pooled blocks only): act2(scale[c] * pool(...) + shift[c]) in the same calls, with
-    the gradients of scale and shift (LeNet-5's trainable subsampling and the squashing after it).
+    ``shift`` (pooled blocks only): act2(scale_by * scale[c] * pool(...) + shift[c]) in the same
+    calls, with the gradients of scale and shift (LeNet-5's trainable subsampling, which sums its
+    window where the pool averages it: scale_by is the window's area, and the squashing after it).
     ``mask``: a [Cout, Cin] uint8 tensor, nonzero where output channel o reads input channel i
     (LeNet-5's C3); the kernels skip the other pairs, whose weights must be zero, and return zero
     weight gradient for them.
@@ -351,7 +352,7 @@ class ConvBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, pad: int, act: int, pool: int, k: int, keep: bool = False,
-                scale=None, shift=None, act2: int = 0, mask=None):
+                scale=None, shift=None, act2: int = 0, mask=None, scale_by: float = 1.0):
         x = x.contiguous()
         # (inside a Function's forward autograd records nothing: the parameters need no detach())
         w = weight.contiguous()
@@ -372,17 +373,17 @@ class ConvBlock(torch.autograd.Function):
         lib = _need_lib()
         m = _ptr(mask)
         rc = (lib.lenet_bl_block_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(out), _ptr(kept), *dims, m) if s is None else
-              lib.lenet_bl_block_affine_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(out), _ptr(kept),
-                                                *dims, act2, m))
+              lib.lenet_bl_block_affine_forward(_ptr(x), _ptr(w), _ptr(b), _ptr(s), scale_by, _ptr(t), _ptr(out),
+                                                _ptr(kept), *dims, act2, m))
         _check(rc, "conv block", x.shape, w.shape)
         ctx.save_for_backward(x, w, b, kept, s, t, mask)
-        ctx.conf = (pad, act, pool, k, act2)
+        ctx.conf = (pad, act, pool, k, act2, scale_by)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, w, b, kept, s, t, mask = ctx.saved_tensors
-        pad, act, pool, k, act2 = ctx.conf
+        pad, act, pool, k, act2, scale_by = ctx.conf
         cin, h, wd, n = x.shape
         cout, _, ks, _ = w.shape
         grad = grad.contiguous()
@@ -399,12 +400,12 @@ class ConvBlock(torch.autograd.Function):
         else:
             grad_s, grad_t = torch.empty(cout), torch.empty(cout)
             rc = lib.lenet_bl_block_affine_backward(
-                _ptr(x), _ptr(w), _ptr(b), _ptr(s), _ptr(t), _ptr(kept), _ptr(grad), _ptr(grad_x),
+                _ptr(x), _ptr(w), _ptr(b), _ptr(s), scale_by, _ptr(t), _ptr(kept), _ptr(grad), _ptr(grad_x),
                 _ptr(grad_w), _ptr(grad_b), _ptr(grad_s), _ptr(grad_t), *dims, act2, _ptr(mask))
         _check(rc, "conv block backward", x.shape, grad.shape)
         need_s, need_t = (ctx.needs_input_grad + (False,) * 4)[8:10]  # (False where not passed)
         return (grad_x, grad_w if need_w else None, grad_b if need_b else None, None, None, None, None, None,
-                grad_s if need_s else None, grad_t if need_t else None, None, None)
+                grad_s if need_s else None, grad_t if need_t else None, None, None, None)
 
 
 def keeps_activation(weight: torch.Tensor) -> bool:
@@ -720,8 +721,8 @@ class _Conv:
             return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, None, None, 0, self.mask)
         sub, after = self.sub
         area = float(sub.size * sub.size)  # the block averages; the layer sums
-        return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight * area, sub.bias, after,
-                               self.mask)
+        return ConvBlock.apply(h, w, b, self.pad, self.act, self.pool, self.k, keep, sub.weight, sub.bias, after,
+                               self.mask, area)
 
 
 class _ConvNorm(_Conv):

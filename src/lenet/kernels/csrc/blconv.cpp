@@ -894,14 +894,24 @@ int lenet_bl_block_forward(const float* x, const float* w, const float* bias, fl
                          mask);
 }
 
+// s_by s[c]: the affine entries take the layer's coefficient s and the factor the block's average
+// pool is off by (LeNet-5's subsampling sums its 2 x 2 window: s_by = 4), so the caller needs no
+// operation (and autograd node) of its own for the product.
+static std::vector<float> scaled(const float* s, int C, float s_by) {
+    std::vector<float> out(s, s + C);
+    for (float& v : out) v *= s_by;
+    return out;
+}
+
 // The same followed by a per-channel affine map and a second activation on the pooled output:
-// p = act2(s[c] pool(act(conv(x) + bias)) + t[c]) (LeNet-5's trainable subsampling and its squashing,
-// rounded as lenet_bl_affine_forward rounds them).
-int lenet_bl_block_affine_forward(const float* x, const float* w, const float* bias, const float* s, const float* t,
-                                  float* p, float* kept, int Cin, int Hin, int Win, int pad, int Cout, int K, int B,
-                                  int act, int pool, int k, int act2, const unsigned char* mask) {
+// p = act2(s_by s[c] pool(act(conv(x) + bias)) + t[c]) (LeNet-5's trainable subsampling and its
+// squashing, rounded as lenet_bl_affine_forward rounds them).
+int lenet_bl_block_affine_forward(const float* x, const float* w, const float* bias, const float* s, float s_by,
+                                  const float* t, float* p, float* kept, int Cin, int Hin, int Win, int pad, int Cout,
+                                  int K, int B, int act, int pool, int k, int act2, const unsigned char* mask) {
     if (!s || !t) return -1;
-    return block_forward(x, w, bias, s, t, p, kept, Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2, mask);
+    const std::vector<float> se = scaled(s, Cout, s_by);
+    return block_forward(x, w, bias, se.data(), t, p, kept, Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2, mask);
 }
 
 // The kernel of an input gradient: w [Cout][Cin][K][K] flipped and transposed, [Cin][Cout][K][K] (the
@@ -981,13 +991,16 @@ int lenet_bl_block_backward(const float* x, const float* w, const float* bias,
 }
 
 // The backward pass of lenet_bl_block_affine_forward: also gs, gt (the gradients of s and t).
-int lenet_bl_block_affine_backward(const float* x, const float* w, const float* bias, const float* s, const float* t,
-                                   const float* kept, const float* gp, float* gx, float* gw,
+int lenet_bl_block_affine_backward(const float* x, const float* w, const float* bias, const float* s, float s_by,
+                                   const float* t, const float* kept, const float* gp, float* gx, float* gw,
                                    float* gb, float* gs, float* gt, int Cin, int Hin, int Win, int pad, int Cout,
                                    int K, int B, int act, int pool, int k, int act2, const unsigned char* mask) {
-    if (!s) return -1;
-    return block_backward(x, w, bias, s, t, kept, gp, gx, gw, gb, gs, gt,
-                          Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2, mask);
+    if (!s || !gs) return -1;
+    const std::vector<float> se = scaled(s, Cout, s_by);
+    const int rc = block_backward(x, w, bias, se.data(), t, kept, gp, gx, gw, gb, gs, gt,
+                                  Cin, Hin, Win, pad, Cout, K, B, act, pool, k, act2, mask);
+    for (int c = 0; c < Cout; ++c) gs[c] *= s_by;  // the gradient of s itself, not of s_by s
+    return rc;
 }
 
 // A per-channel affine map, activation and pooling on a [C][H][W][B] tensor: p = pool(act(s[c] z + t[c])).
