@@ -413,7 +413,7 @@ def keeps_activation(weight: torch.Tensor) -> bool:
     than recomputing it there: when the conv costs more than RECOMPUTE_FAN_IN multiply-adds per
     output. A first layer (fan-in 25) is cheaper to recompute in the core's cache than to write to
     memory and read back (4.8 MB per batch of 256 for conv1); conv2 (fan-in 150) is not."""
-    return weight[0].numel() > RECOMPUTE_FAN_IN
+    return weight.shape[1:].numel() > RECOMPUTE_FAN_IN  # (weight[0] would be an operation each step)
 
 
 class DenseBlock(torch.autograd.Function):
@@ -860,7 +860,8 @@ class BatchLast(nn.Module):
             h = stage(h, n)
         # (N, ...) in memory order: the next layers (dropout's random mask follows that order, as in
         # the model) and the scores' argmax (44 instead of 7 us for batch 256 as a strided view) need it
-        h = (h.t()[:n] if h.dim() == 2 else h.permute(3, 0, 1, 2)[:n]).contiguous()
+        h = h.t() if h.dim() == 2 else h.permute(3, 0, 1, 2)
+        h = (h[:n] if lanes else h).contiguous()  # (a slice, and its backward's copy, only where lanes were padded)
         for layer in self.rest:
             h = layer(h)
         return h
