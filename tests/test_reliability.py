@@ -305,7 +305,8 @@ def test_full_disk_is_detected_before_training(tmp_path, monkeypatch):
     (["evaluate", "/nonexistent/run"], ["run folder /nonexistent/run not found"]),
     (["bogus"], ["invalid choice: 'bogus'"]),
 ])
-def test_cli_bad_flags(args, fragments, tmp_path):
+def test_cli_bad_flags(args, fragments, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)  # "--device cuda" as on a machine without a GPU
     proc = run_cli(*args, "--out", str(tmp_path / "o")) if args[0] == "train" else run_cli(*args)
     assert_user_error(proc, *fragments, code=2)
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

@@ -42,7 +42,8 @@ def test_divergence_stops_with_step_and_advice(tmp_path):
         train(TrainConfig(epochs=2, lr=50, overrides={"activation": "relu"}), data=synthetic_dataset(2048, 64))
 
 
-def test_bad_train_config_values():
+def test_bad_train_config_values(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without a GPU
     for kwargs, msg in [({"epochs": 0}, "--epochs 0"), ({"batch_size": 0}, "--batch-size 0"),
                         ({"lr": -1.0}, "--lr -1.0"), ({"optimizer": "rmsprop"}, "--optimizer 'rmsprop'"),
                         ({"device": "cuda"}, "no CUDA GPU"), ({"model": "alexnet"}, "unknown model 'alexnet'")]:

@@ -722,7 +722,7 @@ def cmd_bench(args) -> int:
                          fast_conv=args.fast_conv, overrides=dict(args.overrides), **recipe)
         data = "synthetic data (--quick)" if args.quick else args.dataset
         print(f"{name}, batch {spec.batch_size}, SGD lr {spec.lr:g}, {spec.epochs} epoch(s), "
-              f"{args.seeds} seed(s), {data}, {device} ({torch.get_num_threads()} threads), "
+              f"{args.seeds} seed(s), {data}, {_device_words(device)}, "
               f"torch {torch.__version__}", flush=True)
         print(HEADER, flush=True)
         result = compare(spec, list(range(args.seeds)), arms, log=lambda s: print(s, flush=True))
@@ -735,6 +735,14 @@ def cmd_bench(args) -> int:
         Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
         print(f"measurements written to {args.json}")
     return 0
+
+
+def _device_words(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return f"{device} ({torch.get_num_threads()} threads)"
 
 
 def _bench_recipe(args) -> dict:

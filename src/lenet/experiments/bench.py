@@ -301,22 +301,38 @@ def training_macs(model: str, overrides: dict[str, Any] | None = None) -> dict[s
     return {"forward": forward, "first_layer": first, "train": 3 * forward - first}
 
 
-def practical_peak(n: int = 4096, repeats: int = 3) -> dict[str, float]:
-    """The multiply-accumulate rate of ``torch.mm`` on n x n fp32 matrices with the thread count
-    training uses here (one per physical core): the practical peak of these cores."""
+def practical_peak(n: int = 4096, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
+    """The multiply-accumulate rate of ``torch.mm`` on n x n fp32 matrices: the practical peak of
+    the hardware training runs on. On the CPU, with the thread count training uses here (one per
+    physical core); on a CUDA device, on that device in the float32 matmul precision training
+    sets there (TF32 tensor cores, ``torch.set_float32_matmul_precision("high")``)."""
     import torch
 
     from ..training.engine import configure_threads
 
+    device = torch.device(device)
     threads = configure_threads()
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # what the engine sets for training on CUDA
+        name, precision = torch.cuda.get_device_name(device), "tf32"
+        repeats = max(repeats, 10)  # milliseconds each: more samples, for the clocks to settle
+    else:
+        name, precision = "cpu", "fp32"
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        _sync(device)
         t0 = time.perf_counter()
         torch.mm(a, b)
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
-    return {"macs_per_sec": n ** 3 / best, "threads": threads, "n": n}
+    return {"macs_per_sec": n ** 3 / best, "threads": threads, "n": n, "device": name, "precision": precision}
+
+
+def _peak_size(device, quick: bool) -> int:
+    """Matrices large enough to reach the peak: 4096 on a CPU, 8192 on a GPU (1024 for --quick)."""
+    return 1024 if quick else 8192 if device.type == "cuda" else 4096
 
 
 def _mean(rows: list[dict[str, Any]], key: str) -> float:
@@ -329,8 +345,11 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
     with each arm's multiply-accumulate rate against the practical peak measured in this run."""
     # The peak is measured before the first run and after each one, and its median used: the
     # machine's speed drifts during a benchmark, and a single measurement would catch one moment.
-    size = 1024 if spec.quick else 4096  # --quick checks the machinery, nothing more
-    peaks = [practical_peak(n=size)]
+    from ..options import resolve_device
+
+    device = resolve_device(spec.device)
+    size = _peak_size(device, spec.quick)  # --quick checks the machinery, nothing more
+    peaks = [practical_peak(n=size, device=device)]
     macs = training_macs(spec.model, spec.overrides)
     rows: list[dict[str, Any]] = []
     for k, seed in enumerate(seeds):
@@ -341,7 +360,7 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
             r.update(arm=arm, seed=seed)
             rows.append(r)
             log(_row_line(r))
-            peaks.append(practical_peak(n=size))
+            peaks.append(practical_peak(n=size, device=device))
     samples = [p["macs_per_sec"] for p in peaks]
     peak = {**peaks[0], "macs_per_sec": statistics.median(samples), "samples": samples}
     summary = {}
@@ -396,6 +415,12 @@ def _spread(samples: list[float]) -> str:
             f"{min(samples) / 1e9:.1f}-{max(samples) / 1e9:.1f})")
 
 
+def _peak_where(peak: dict[str, Any]) -> str:
+    if peak.get("device", "cpu") == "cpu":
+        return f"fp32 on {peak['threads']} threads"
+    return f"fp32 as {peak['precision'].upper()} on {peak['device']}"
+
+
 def format_summary(result: dict[str, Any]) -> str:
     lines = ["", f"{'mean':<9} {'':>4} {'train ex/s':>11} {'eval img/s':>11} {'train loss':>10} "
                  f"{'train acc':>9} {'test acc':>8} {'peak RSS MB':>11}"]
@@ -407,7 +432,7 @@ def format_summary(result: dict[str, Any]) -> str:
         m, peak = result["macs_per_example"], result["practical_peak"]
         lines += ["", f"arithmetic: {m['train']:,} multiply-accumulates per training example (3 x {m['forward']:,} "
                       f"forward, less the first layer's input gradient, {m['first_layer']:,}); practical peak: "
-                      f"torch.mm {peak['n']}x{peak['n']} fp32 on {peak['threads']} threads, "
+                      f"torch.mm {peak['n']}x{peak['n']} {_peak_where(peak)}, "
                       f"{peak['macs_per_sec'] / 1e9:.1f} GMAC/s" + _spread(peak.get("samples", []))]
         lines += [f"{arm:<9} {s['train_macs_per_sec'] / 1e9:6.1f} GMAC/s in training (the median run) = "
                   f"{s['fraction_of_peak']:.0%} of the practical peak" for arm, s in result["summary"].items()]
