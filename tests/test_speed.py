@@ -445,7 +445,7 @@ def test_bench_says_when_the_same_learning_check_says_nothing(monkeypatch, refer
                 "examples": 1000, "eval_images_per_sec": 1e4, "peak_rss_mb": 100.0}
 
     monkeypatch.setattr(bench, "run_arm", fake_arm)
-    monkeypatch.setattr(bench, "practical_peak", lambda n=4096, device="cpu": {"macs_per_sec": 1e11, "threads": 2, "n": n})
+    monkeypatch.setattr(bench, "practical_peak", lambda n=4096, device="cpu", amp="off": {"macs_per_sec": 1e11, "threads": 2, "n": n})
     result = bench.compare(bench.BenchSpec(), [0], ("torchconv", "engine"), log=lambda s: None)
     assert result["same_learning"]["informative"] is informative
     assert result["same_learning"]["test_acc_ok"] and result["same_learning"]["train_loss_ok"]

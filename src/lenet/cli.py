@@ -731,8 +731,9 @@ def cmd_bench(args) -> int:
             print(note)
         print()
         results.append(result)
+        if args.json:  # after each model: what was measured stays if a later one fails
+            Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
     if args.json:
-        Path(args.json).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
         print(f"measurements written to {args.json}")
     return 0
 

@@ -82,6 +82,8 @@ def _sync(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def _book_accuracy(y_hat, y) -> float:
@@ -301,24 +303,25 @@ def training_macs(model: str, overrides: dict[str, Any] | None = None) -> dict[s
     return {"forward": forward, "first_layer": first, "train": 3 * forward - first}
 
 
-def practical_peak(n: int = 4096, repeats: int = 3, device: str = "cpu") -> dict[str, Any]:
-    """The multiply-accumulate rate of ``torch.mm`` on n x n fp32 matrices: the practical peak of
-    the hardware training runs on. On the CPU, with the thread count training uses here (one per
-    physical core); on a CUDA device, on that device in the float32 matmul precision training
-    sets there (TF32 tensor cores, ``torch.set_float32_matmul_precision("high")``)."""
+def practical_peak(n: int = 4096, repeats: int = 3, device: str = "cpu", amp: str = "off") -> dict[str, Any]:
+    """The multiply-accumulate rate of ``torch.mm`` on large n x n matrices: the practical peak of
+    the hardware training runs on. On the CPU: fp32, with the thread count training uses here (one
+    per physical core). On a CUDA device: on that device, in the precision training computes in
+    there: fp32 in the matmul precision the engine sets (TF32 tensor cores,
+    ``torch.set_float32_matmul_precision("high")``), or bf16/fp16 under ``--amp``."""
     import torch
 
     from ..training.engine import configure_threads
 
     device = torch.device(device)
     threads = configure_threads()
+    dtype, precision, name = torch.float32, "fp32", device.type
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # what the engine sets for training on CUDA
-        name, precision = torch.cuda.get_device_name(device), "tf32"
+        dtype, precision = {"bf16": (torch.bfloat16, "bf16"), "fp16": (torch.float16, "fp16")}.get(amp, (dtype, "tf32"))
+        name = torch.cuda.get_device_name(device)
         repeats = max(repeats, 10)  # milliseconds each: more samples, for the clocks to settle
-    else:
-        name, precision = "cpu", "fp32"
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     torch.mm(a, b)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -349,7 +352,7 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
 
     device = resolve_device(spec.device)
     size = _peak_size(device, spec.quick)  # --quick checks the machinery, nothing more
-    peaks = [practical_peak(n=size, device=device)]
+    peaks = [practical_peak(n=size, device=device, amp=spec.amp)]
     macs = training_macs(spec.model, spec.overrides)
     rows: list[dict[str, Any]] = []
     for k, seed in enumerate(seeds):
@@ -360,7 +363,7 @@ def compare(spec: BenchSpec, seeds: list[int], arms: tuple[str, ...] = DEFAULT_A
             r.update(arm=arm, seed=seed)
             rows.append(r)
             log(_row_line(r))
-            peaks.append(practical_peak(n=size, device=device))
+            peaks.append(practical_peak(n=size, device=device, amp=spec.amp))
     samples = [p["macs_per_sec"] for p in peaks]
     peak = {**peaks[0], "macs_per_sec": statistics.median(samples), "samples": samples}
     summary = {}
@@ -416,9 +419,10 @@ def _spread(samples: list[float]) -> str:
 
 
 def _peak_where(peak: dict[str, Any]) -> str:
-    if peak.get("device", "cpu") == "cpu":
+    where, precision = peak.get("device", "cpu"), peak.get("precision", "fp32")
+    if where == "cpu":
         return f"fp32 on {peak['threads']} threads"
-    return f"fp32 as {peak['precision'].upper()} on {peak['device']}"
+    return f"{'fp32 as TF32' if precision == 'tf32' else precision} on {where}"
 
 
 def format_summary(result: dict[str, Any]) -> str:
