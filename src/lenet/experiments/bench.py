@@ -307,18 +307,18 @@ def practical_peak(n: int = 4096, repeats: int = 3, device: str = "cpu", amp: st
     """The multiply-accumulate rate of ``torch.mm`` on large n x n matrices: the practical peak of
     the hardware training runs on. On the CPU: fp32, with the thread count training uses here (one
     per physical core). On a CUDA device: on that device, in the precision training computes in
-    there: fp32 in the matmul precision the engine sets (TF32 tensor cores,
-    ``torch.set_float32_matmul_precision("high")``), or bf16/fp16 under ``--amp``."""
+    there: fp32 as TF32 (:func:`~lenet.training.engine.cuda_training_settings`), or bf16/fp16
+    under ``--amp``."""
     import torch
 
-    from ..training.engine import configure_threads
+    from ..training.engine import amp_dtype, configure_threads, cuda_training_settings
 
     device = torch.device(device)
     threads = configure_threads()
     dtype, precision, name = torch.float32, "fp32", device.type
     if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")  # what the engine sets for training on CUDA
-        dtype, precision = {"bf16": (torch.bfloat16, "bf16"), "fp16": (torch.float16, "fp16")}.get(amp, (dtype, "tf32"))
+        cuda_training_settings()  # the peak under the settings training runs with there
+        dtype, precision = amp_dtype(amp), amp if amp != "off" else "tf32"
         name = torch.cuda.get_device_name(device)
         repeats = max(repeats, 10)  # milliseconds each: more samples, for the clocks to settle
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))

@@ -196,10 +196,22 @@ def conv_runner(model: nn.Module, device: torch.device, options: EngineOptions,
     return runner, BATCH_LAST_CONV
 
 
+def amp_dtype(amp: str) -> torch.dtype:
+    """The dtype ``--amp`` computes in (float32 when off)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp, torch.float32)
+
+
+def cuda_training_settings() -> None:
+    """What training on CUDA sets, process-wide: cuDNN's autotuner (the fastest kernels for these
+    fixed shapes) and TF32 tensor cores for float32 matrix products (the dense layers)."""
+    torch.backends.cudnn.benchmark = True
+    torch.set_float32_matmul_precision("high")
+
+
 def _autocast(device: torch.device, amp: str):
     if amp == "off":
         return None
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=amp_dtype(amp))
 
 
 class _Compiled:
@@ -278,9 +290,8 @@ class TrainStep:
                     log(f"note: cannot compile ({problem}); training without torch.compile")
                 enabled = False
         self.compiling = enabled
-        if device.type == "cuda":  # fastest kernels for these fixed shapes; TF32 for the dense layers
-            torch.backends.cudnn.benchmark = True
-            torch.set_float32_matmul_precision("high")
+        if device.type == "cuda":
+            cuda_training_settings()
         self.amp = options.amp if device.type == "cuda" else "off"
         self.scaler = torch.amp.GradScaler("cuda") if self.amp == "fp16" else None
         self._forward = _Compiled(self._forward_loss, enabled, options.compile_mode, "training step", log)
